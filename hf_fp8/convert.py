@@ -1,0 +1,212 @@
+"""convert_model / revert_model, and FP8Report: what runs in FP8, what does not, and why.
+
+Conversion is in place and keeps every Parameter object, so an optimizer built before or after it
+trains the same weights, and the checkpoint keys of the model do not change.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .linear import FP8Conv1D, FP8Linear, check_fp8_dims
+from .recipe import FP8Recipe
+
+# Attention GEMM FLOPs depend on the context length; counted at this many tokens at most.
+_MAX_REPORT_CONTEXT = 4096
+
+
+@dataclass
+class _Row:
+    name: str  # module name, or a description for rows that are not modules (attention)
+    kind: str  # "Linear 2048->8192", "attention QK^T + P.V"
+    flops_per_token: int  # forward GEMM FLOPs per token (backward is 2x, the same for every GEMM)
+    fp8: bool
+    reason: str = ""  # why not FP8
+
+
+@dataclass
+class FP8Report:
+    """What `convert_model` did. `converted`: module names now running FP8 GEMMs; `skipped`: module
+    name -> why it stays in high precision; `fp8_flop_fraction`: share of the model's GEMM FLOPs per
+    token that run in FP8 (attention QK^T/P.V counted at `context` tokens, PaLM-MFU style).
+    `str(report)` is a readable table (layers of a stack grouped as `layers.*`)."""
+
+    converted: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    fp8_flop_fraction: float = 0.0
+    context: int | None = None
+    recipe: FP8Recipe | None = None
+    rows: list[_Row] = field(default_factory=list, repr=False)
+
+    def __str__(self) -> str:
+        total_layers = len(self.converted) + len([r for r in self.rows if not r.fp8 and r.kind != "attention"])
+        lines = [
+            f"hf_fp8 coverage: {len(self.converted)}/{total_layers} GEMM layers in FP8, "
+            f"{100 * self.fp8_flop_fraction:.1f}% of GEMM FLOPs per token"
+            + (f" (attention counted at context {self.context})" if self.context else "")
+        ]
+        if self.recipe is not None:
+            r = self.recipe
+            lines.append(
+                f"recipe: format={r.fp8_format} history={r.amax_history_len} algo={r.amax_compute_algo} "
+                f"margin={r.margin} attention={r.attention}"
+            )
+        groups: dict[tuple, list[_Row]] = {}
+        for row in self.rows:
+            key = (re.sub(r"\.\d+\.", ".*.", row.name), row.kind, row.fp8, row.reason)
+            groups.setdefault(key, []).append(row)
+        total = sum(r.flops_per_token for r in self.rows) or 1
+        width = max((len(k[0]) for k in groups), default=10) + 6
+        lines.append(f"  {'precision':<6} {'module':<{width}} {'GEMM':<28} {'FLOPs':>6}  reason")
+        for (name, kind, fp8, reason), rows in groups.items():
+            label = f"{name} (x{len(rows)})" if len(rows) > 1 else name
+            share = 100 * sum(r.flops_per_token for r in rows) / total
+            lines.append(f"  {'FP8' if fp8 else 'high':<9} {label:<{width}} {kind:<28} {share:5.1f}%  {reason}")
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> str | None:
+    last = name.rsplit(".", 1)[-1]
+    for p in patterns:
+        if fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(last, p):
+            return p
+    return None
+
+
+def _gemm_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a module that is one GEMM, else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.nx, module.nf
+    return None
+
+
+def _why_not_fp8(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
+    pattern = _matches(name, recipe.skip)
+    if pattern is not None:
+        return f"skip pattern {pattern!r} (recipe.skip)"
+    weight = module.weight
+    if not weight.dtype.is_floating_point or weight.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+        return f"weight dtype {weight.dtype} (needs float32/bfloat16/float16 master weights)"
+    in_f, out_f = _gemm_shape(module)
+    return check_fp8_dims(in_f, out_f)
+
+
+def _attention_row(model: nn.Module, recipe: FP8Recipe, context: int | None) -> tuple[_Row | None, int | None]:
+    config = getattr(model, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not (layers and heads and hidden):
+        return None, None
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    if context is None:
+        context = min(getattr(config, "max_position_embeddings", None) or _MAX_REPORT_CONTEXT, _MAX_REPORT_CONTEXT)
+    # Per token and layer: QK^T and P.V are each 2 * heads * head_dim * context FLOPs.
+    flops = layers * 2 * (2 * heads * head_dim * context)
+    reason = "" if recipe.attention else "recipe.attention is False (softmax(QK^T)V in high precision)"
+    return _Row(f"attention ({layers} layers)", "attention", flops, fp8=False, reason=reason), context
+
+
+def _unsupported_weight_modules(model: nn.Module) -> list[tuple[str, str]]:
+    """Modules holding matrix weights hf_fp8 does not convert (their GEMMs, if any, stay high precision)."""
+    known = (nn.Linear, Conv1D, nn.Embedding, nn.EmbeddingBag, nn.LayerNorm, nn.GroupNorm)
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, known) or "Norm" in type(m).__name__:
+            continue
+        mats = [n for n, p in m.named_parameters(recurse=False) if p.dim() >= 2]
+        if mats:
+            out.append((name, f"{type(m).__name__} holds matrix parameters ({', '.join(mats)}) hf_fp8 does not convert"))
+    return out
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context: int | None = None) -> FP8Report:
+    """Swap every eligible nn.Linear (and GPT-2 Conv1D) of `model` for its FP8 version, in place.
+
+    Eligible: not matched by `recipe.skip`, floating-point weight, in/out features multiples of 16.
+    Idempotent (converted layers are left as they are and reported as FP8). Parameters are shared,
+    not copied. Returns an FP8Report; raises ValueError if no layer can run in FP8 (with the reasons).
+    `context`: tokens per sequence used to weigh attention FLOPs in the report (default: the
+    config's max_position_embeddings, at most 4096).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}")
+    recipe = recipe or FP8Recipe()
+    if not isinstance(recipe, FP8Recipe):
+        raise TypeError(f"convert_model: recipe must be an hf_fp8.FP8Recipe, got {type(recipe).__name__}")
+    if recipe.attention:
+        raise NotImplementedError(
+            "convert_model: recipe.attention=True (FP8 attention matmuls) is not available in this "
+            "version of hf_fp8; set `attention: false` in the recipe (linears still run in FP8)."
+        )
+
+    report = FP8Report(recipe=recipe)
+    swaps: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        shape = _gemm_shape(module)
+        if shape is None:
+            continue
+        in_f, out_f = shape
+        kind = f"{'Conv1D' if isinstance(module, Conv1D) else 'Linear'} {in_f}->{out_f}"
+        flops = 2 * in_f * out_f
+        if isinstance(module, (FP8Linear, FP8Conv1D)):
+            report.rows.append(_Row(name, kind, flops, fp8=True))
+            report.converted.append(name)
+            continue
+        reason = _why_not_fp8(name, module, recipe)
+        if reason is not None:
+            report.rows.append(_Row(name, kind, flops, fp8=False, reason=reason))
+            report.skipped[name] = reason
+            continue
+        new = FP8Conv1D.from_conv1d(module, recipe) if isinstance(module, Conv1D) else FP8Linear.from_linear(module, recipe)
+        swaps.append((name, new))
+        report.rows.append(_Row(name, kind, flops, fp8=True))
+        report.converted.append(name)
+
+    for name, reason in _unsupported_weight_modules(model):
+        report.skipped[name] = reason
+        report.rows.append(_Row(name, "unknown", 0, fp8=False, reason=reason))
+
+    if not report.converted:
+        reasons = "\n".join(f"  {n}: {r}" for n, r in report.skipped.items()) or "  (no nn.Linear or Conv1D layers)"
+        raise ValueError(f"convert_model: no layer of {type(model).__name__} can run in FP8:\n{reasons}")
+
+    for name, new in swaps:
+        _set_submodule(model, name, new)
+
+    attention, report.context = _attention_row(model, recipe, context)
+    if attention is not None:
+        report.rows.append(attention)
+    total = sum(r.flops_per_token for r in report.rows)
+    fp8 = sum(r.flops_per_token for r in report.rows if r.fp8)
+    report.fp8_flop_fraction = fp8 / total if total else 0.0
+    return report
+
+
+def revert_model(model: nn.Module) -> list[str]:
+    """Turn every FP8Linear/FP8Conv1D of `model` back into nn.Linear/Conv1D sharing the same
+    Parameters (the FP8 scaling state is dropped). Returns the reverted module names."""
+    reverted = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FP8Linear):
+            _set_submodule(model, name, module.to_linear())
+        elif isinstance(module, FP8Conv1D):
+            _set_submodule(model, name, module.to_conv1d())
+        else:
+            continue
+        reverted.append(name)
+    return reverted

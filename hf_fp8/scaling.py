@@ -1,0 +1,217 @@
+"""Delayed per-tensor scaling: the amax history and scale of every FP8 operand, and the update rule.
+
+One training step with delayed scaling:
+  forward/backward: each FP8 operand is cast with its *current* scale; its amax is max-reduced into
+                    `pending_amax` (several micro-batches -> one max);
+  optimizer step:   `update_scales(model)` pushes each pending amax into its history (one all-reduce
+                    MAX for the whole model under torch.distributed), recomputes
+                    scale = fp8_max / reduce(history) / 2**margin, and clears the pending amaxes.
+So scales change exactly once per optimizer step. Scale convention (torchao's): fp8 = hp * scale.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .recipe import FP8Recipe
+
+# `pending_amax` holds this until a forward/backward records a real amax (amaxes are >= 0), so
+# update_scales can tell "no pass ran through this tensor" apart from "the tensor was all zeros".
+_NOT_RECORDED = -1.0
+# Smallest amax a scale is computed from; below it the fp32 scale would overflow to inf.
+_MIN_AMAX = 1e-30
+
+
+class DelayedScale(nn.Module):
+    """Delayed-scaling state for the FP8 operands ("roles") of one layer.
+
+    Buffers (all in `state_dict`, so checkpoints carry them), R = number of roles, L = history length:
+      amax_history  (R, L) float32  column 0 is the newest optimizer step
+      scale         (R,)   float32  the scale every cast uses until the next update
+      pending_amax  (R,)   float32  max amax recorded since the last update (-1: none recorded)
+      initialized   (R,)   bool     False until a first finite, non-zero amax was reduced into `scale`
+      nonfinite_skips (R,) int64    how many updates were skipped because the amax was inf/NaN
+    Before a role is initialized, casts scale from the tensor's own amax (dynamic scaling), so the
+    first step is as accurate as a dynamically scaled one instead of using a placeholder scale.
+    """
+
+    def __init__(self, roles: tuple[str, ...], dtypes: tuple[torch.dtype, ...], recipe: FP8Recipe, device=None):
+        super().__init__()
+        if len(roles) != len(dtypes):
+            raise ValueError(f"DelayedScale: {len(roles)} roles but {len(dtypes)} dtypes")
+        self.roles = tuple(roles)
+        self.dtypes = tuple(dtypes)
+        self.amax_compute_algo = recipe.amax_compute_algo
+        self.margin = recipe.margin
+        self.on_nonfinite_amax = recipe.on_nonfinite_amax
+        r, length = len(roles), recipe.amax_history_len
+        self.register_buffer("amax_history", torch.zeros(r, length, device=device))
+        self.register_buffer("scale", torch.ones(r, device=device))
+        self.register_buffer("pending_amax", torch.full((r,), _NOT_RECORDED, device=device))
+        self.register_buffer("initialized", torch.zeros(r, dtype=torch.bool, device=device))
+        self.register_buffer("nonfinite_skips", torch.zeros(r, dtype=torch.int64, device=device))
+        # fp8_max / 2**margin per role; derived from the recipe, so not saved.
+        numerator = [torch.finfo(dt).max / 2.0**recipe.margin for dt in dtypes]
+        self.register_buffer("scale_numerator", torch.tensor(numerator, device=device), persistent=False)
+
+    def index(self, role: str) -> int:
+        return self.roles.index(role)
+
+    def extra_repr(self) -> str:
+        names = ", ".join(f"{r}:{str(d).removeprefix('torch.float8_')}" for r, d in zip(self.roles, self.dtypes))
+        return f"roles=({names}), history={self.amax_history.shape[1]}, algo={self.amax_compute_algo}, margin={self.margin}"
+
+
+def amax_of(x: torch.Tensor) -> torch.Tensor:
+    """max(|x|) as a float32 scalar (a NaN anywhere in x gives NaN)."""
+    return x.detach().abs().amax().float()
+
+
+def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Tensor:
+    """The scale role `i` casts with: the delayed scale, or before the first update the dynamic
+    scale of the tensor at hand (`amax_now`). Branch-free, so torch.compile sees no data dependence."""
+    dynamic = state.scale_numerator[i] / amax_now.clamp(min=_MIN_AMAX)
+    return torch.where(state.initialized[i], state.scale[i], dynamic)
+
+
+def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
+    """Max-reduce `amax_now` into role i's pending amax (micro-batches of one step -> one amax).
+    torch.maximum propagates NaN, so one non-finite micro-batch marks the whole step non-finite."""
+    pending = state.pending_amax[i]
+    pending.copy_(torch.maximum(pending, amax_now))
+
+
+def delayed_scale_states(model: nn.Module) -> list[tuple[str, DelayedScale]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, DelayedScale)]
+
+
+@torch.no_grad()
+def update_scales(model: nn.Module) -> None:
+    """Roll every amax history of `model` once and recompute every scale. Call once per optimizer
+    step, after the step (or use `attach(model, optimizer)`).
+
+    - Tensors no forward/backward went through since the last update keep history and scale.
+    - A non-finite amax is never pushed into the history: that tensor's update is skipped and
+      counted in `nonfinite_skips` (visible in `fp8_stats`); the recipe's `on_nonfinite_amax`
+      decides whether this also warns (default) or raises.
+    - Under torch.distributed all pending amaxes go through one all-reduce (MAX), so every rank
+      ends the step with identical histories and scales.
+    Raises RuntimeError if no FP8 forward pass ran since the last update (nothing to update).
+    """
+    states = delayed_scale_states(model)
+    if not states:
+        raise ValueError(
+            "update_scales: the model has no FP8 layers (no DelayedScale state found). "
+            "Call hf_fp8.convert_model(model) first."
+        )
+    modules = [m for _, m in states]
+    # (N,) all roles of all layers, one flat vector -> one collective.
+    pending = torch.cat([m.pending_amax for m in modules])
+    # NaN under a MAX all-reduce is backend-defined; +inf is not, and is just as non-finite.
+    pending = torch.nan_to_num(pending, nan=float("inf"))
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(pending, op=dist.ReduceOp.MAX)
+    recorded = pending >= 0
+    finite = torch.isfinite(pending)
+    _check_recorded_and_finite(states, recorded, finite)
+
+    valid = recorded & finite
+    # Layers converted with one recipe share history length and algo; batch each such group.
+    groups: dict[tuple[int, str], list[int]] = {}
+    for k, m in enumerate(modules):
+        groups.setdefault((m.amax_history.shape[1], m.amax_compute_algo), []).append(k)
+    offsets = [0]
+    for m in modules:
+        offsets.append(offsets[-1] + len(m.roles))
+    for (_, algo), members in groups.items():
+        rows = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in members]).to(pending.device)
+        group = [modules[k] for k in members]
+        _update_group(group, algo, pending[rows], valid[rows], recorded[rows] & ~finite[rows])
+
+
+def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:
+    history = torch.cat([m.amax_history for m in group])  # (G, L)
+    scale = torch.cat([m.scale for m in group])  # (G,)
+    initialized = torch.cat([m.initialized for m in group])
+    numerator = torch.cat([m.scale_numerator for m in group])
+    skips = torch.cat([m.nonfinite_skips for m in group])
+
+    rolled = torch.roll(history, shifts=1, dims=1)
+    rolled[:, 0] = pending.clamp(min=0)
+    history = torch.where(valid[:, None], rolled, history)
+    amax = history.amax(dim=1) if algo == "max" else history[:, 0]
+    # An all-zero history (e.g. a tensor that was exactly zero) gives no information: keep the scale.
+    usable = valid & (amax > 0)
+    scale = torch.where(usable, numerator / amax.clamp(min=_MIN_AMAX), scale)
+    initialized = initialized | usable
+    skips = skips + nonfinite.to(skips.dtype)
+
+    sizes = [len(m.roles) for m in group]
+    for new, name in (
+        (history, "amax_history"),
+        (scale, "scale"),
+        (initialized, "initialized"),
+        (skips, "nonfinite_skips"),
+    ):
+        torch._foreach_copy_([getattr(m, name) for m in group], list(torch.split(new, sizes)))
+    for m in group:
+        m.pending_amax.fill_(_NOT_RECORDED)
+
+
+def _check_recorded_and_finite(states, recorded, finite) -> None:
+    # Layers converted with different recipes: the strictest policy wins.
+    policies = {m.on_nonfinite_amax for _, m in states}
+    policy = next(p for p in ("raise", "warn", "skip") if p in policies)
+    nonfinite = recorded & ~finite
+    # One host sync per optimizer step for both checks.
+    any_recorded, any_nonfinite = torch.stack([recorded.any(), nonfinite.any()]).tolist()
+    if not any_recorded:
+        raise RuntimeError(
+            "update_scales: no FP8 forward pass was recorded since the last update. Call it after "
+            "forward/backward and the optimizer step (amaxes are recorded only in train() mode)."
+        )
+    if any_nonfinite and policy != "skip":
+        names = []
+        flat = nonfinite.nonzero().flatten().tolist()
+        k = 0
+        for name, m in states:
+            for role in m.roles:
+                if k in flat:
+                    names.append(f"{name.removesuffix('.fp8_scale') or '<root>'}:{role}")
+                k += 1
+        msg = (
+            f"update_scales: non-finite (inf/NaN) amax in {len(names)} FP8 tensor(s): "
+            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}. Their scale updates were skipped "
+            "(counted in fp8_stats as nonfinite_skips); the activations or gradients of these layers "
+            "hold inf/NaN, usually a diverging run (lower the learning rate) or bad input data."
+        )
+        if policy == "raise":
+            raise FloatingPointError(msg)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
+    """Update `model`'s FP8 scales after every `optimizer.step()` (an optimizer step post-hook).
+    With gradient accumulation this is exactly once per real optimizer step. Returns the hook
+    handle (`handle.remove()` detaches). Attaching the same model to the same optimizer twice is
+    refused, since it would roll the histories twice per step."""
+    if not delayed_scale_states(model):
+        raise ValueError("hf_fp8.attach: the model has no FP8 layers; call hf_fp8.convert_model(model) first")
+    handles = getattr(optimizer, "_hf_fp8_handles", None)
+    if handles is None:
+        handles = optimizer._hf_fp8_handles = {}
+    old = handles.get(id(model))
+    if old is not None and old.id in optimizer._optimizer_step_post_hooks:
+        raise RuntimeError(
+            "hf_fp8.attach: this model is already attached to this optimizer (scales would update twice per step)"
+        )
+
+    def _hook(opt, args, kwargs):
+        update_scales(model)
+
+    handles[id(model)] = handle = optimizer.register_step_post_hook(_hook)
+    return handle
