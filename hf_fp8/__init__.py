@@ -1,5 +1,6 @@
 """hf_fp8: FP8 training of Hugging Face Transformer models with delayed per-tensor scaling."""
 
+from . import _torchao  # noqa: F401  (first: silences torchao's CPU-only import noise)
 from .convert import FP8Report, convert_model, revert_model
 from .linear import FP8Linear
 from .recipe import FP8Recipe

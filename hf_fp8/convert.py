@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from . import attention
 from .linear import FP8Conv1D, FP8Linear, check_fp8_dims
 from .recipe import FP8Recipe
 
@@ -35,6 +36,8 @@ class FP8Report:
     """What `convert_model` did. `converted`: module names now running FP8 GEMMs; `skipped`: module
     name -> why it stays in high precision; `fp8_flop_fraction`: share of the model's GEMM FLOPs per
     token that run in FP8 (attention QK^T/P.V counted at `context` tokens, PaLM-MFU style).
+    `attention_modules`: attention modules running `hf_fp8` FP8 attention (recipe.attention=True);
+    when the recipe asks for FP8 attention and the model cannot have it, `skipped["attention"]` says why.
     `str(report)` is a readable table (layers of a stack grouped as `layers.*`)."""
 
     converted: list[str] = field(default_factory=list)
@@ -42,6 +45,7 @@ class FP8Report:
     fp8_flop_fraction: float = 0.0
     context: int | None = None
     recipe: FP8Recipe | None = None
+    attention_modules: list[str] = field(default_factory=list)
     rows: list[_Row] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
@@ -62,12 +66,13 @@ class FP8Report:
             key = (re.sub(r"\.\d+\.", ".*.", row.name), row.kind, row.fp8, row.reason)
             groups.setdefault(key, []).append(row)
         total = sum(r.flops_per_token for r in self.rows) or 1
-        width = max((len(k[0]) for k in groups), default=10) + 6
-        lines.append(f"  {'precision':<6} {'module':<{width}} {'GEMM':<28} {'FLOPs':>6}  reason")
-        for (name, kind, fp8, reason), rows in groups.items():
-            label = f"{name} (x{len(rows)})" if len(rows) > 1 else name
+        labels = {key: f"{key[0]} (x{len(rows)})" if len(rows) > 1 else key[0] for key, rows in groups.items()}
+        width = max((len(label) for label in labels.values()), default=10)
+        lines.append(f"  {'precision':<9} {'module':<{width}}  {'GEMM':<24} {'FLOPs':>6}  reason")
+        for key, rows in groups.items():
+            _, kind, fp8, reason = key
             share = 100 * sum(r.flops_per_token for r in rows) / total
-            lines.append(f"  {'FP8' if fp8 else 'high':<9} {label:<{width}} {kind:<28} {share:5.1f}%  {reason}")
+            lines.append(f"  {'FP8' if fp8 else 'high':<9} {labels[key]:<{width}}  {kind:<24} {share:5.1f}%  {reason}".rstrip())
         return "\n".join(lines)
 
 
@@ -99,7 +104,20 @@ def _why_not_fp8(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
     return check_fp8_dims(in_f, out_f)
 
 
-def _attention_row(model: nn.Module, recipe: FP8Recipe, context: int | None) -> tuple[_Row | None, int | None]:
+def _convert_attention(model: nn.Module, recipe: FP8Recipe, report: FP8Report, row: _Row | None) -> None:
+    """Switch the model to FP8 attention, or say in the report why its attention stays high precision."""
+    reason = attention.why_attention_stays_high_precision(model)
+    if reason is None:
+        report.attention_modules = attention.convert_attention(model, recipe)
+        if row is not None:
+            row.fp8, row.reason = True, ""
+    else:
+        report.skipped["attention"] = reason
+        if row is not None:
+            row.reason = reason
+
+
+def _attention_row(model: nn.Module, context: int | None) -> tuple[_Row | None, int | None]:
     config = getattr(model, "config", None)
     layers = getattr(config, "num_hidden_layers", None)
     heads = getattr(config, "num_attention_heads", None)
@@ -111,8 +129,8 @@ def _attention_row(model: nn.Module, recipe: FP8Recipe, context: int | None) -> 
         context = min(getattr(config, "max_position_embeddings", None) or _MAX_REPORT_CONTEXT, _MAX_REPORT_CONTEXT)
     # Per token and layer: QK^T and P.V are each 2 * heads * head_dim * context FLOPs.
     flops = layers * 2 * (2 * heads * head_dim * context)
-    reason = "" if recipe.attention else "recipe.attention is False (softmax(QK^T)V in high precision)"
-    return _Row(f"attention ({layers} layers)", "attention", flops, fp8=False, reason=reason), context
+    reason = "recipe.attention is False (softmax(QK^T)V in high precision)"
+    return _Row(f"attention ({layers} layer{'s' if layers > 1 else ''})", "attention", flops, fp8=False, reason=reason), context
 
 
 def _unsupported_weight_modules(model: nn.Module) -> list[tuple[str, str]]:
@@ -148,15 +166,18 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
     recipe = recipe or FP8Recipe()
     if not isinstance(recipe, FP8Recipe):
         raise TypeError(f"convert_model: recipe must be an hf_fp8.FP8Recipe, got {type(recipe).__name__}")
-    if recipe.attention:
-        raise NotImplementedError(
-            "convert_model: recipe.attention=True (FP8 attention matmuls) is not available in this "
-            "version of hf_fp8; set `attention: false` in the recipe (linears still run in FP8)."
+    if _gemm_shape(model) is not None:
+        raise TypeError(
+            f"convert_model swaps the layers inside a model, and {type(model).__name__} is itself one layer; "
+            "use hf_fp8.FP8Linear.from_linear(layer) (or wrap it in a module)"
         )
 
     report = FP8Report(recipe=recipe)
     swaps: list[tuple[str, nn.Module]] = []
-    for name, module in model.named_modules():
+    # id(module) -> its FP8 replacement, so a layer registered under several names (shared blocks)
+    # gets one FP8 module under all of them, with one scaling state.
+    replacements: dict[int, nn.Module] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
         shape = _gemm_shape(module)
         if shape is None:
             continue
@@ -172,8 +193,10 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
             report.rows.append(_Row(name, kind, flops, fp8=False, reason=reason))
             report.skipped[name] = reason
             continue
-        new = FP8Conv1D.from_conv1d(module, recipe) if isinstance(module, Conv1D) else FP8Linear.from_linear(module, recipe)
-        swaps.append((name, new))
+        if id(module) not in replacements:
+            is_conv = isinstance(module, Conv1D)
+            replacements[id(module)] = FP8Conv1D.from_conv1d(module, recipe) if is_conv else FP8Linear.from_linear(module, recipe)
+        swaps.append((name, replacements[id(module)]))
         report.rows.append(_Row(name, kind, flops, fp8=True))
         report.converted.append(name)
 
@@ -188,9 +211,11 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
     for name, new in swaps:
         _set_submodule(model, name, new)
 
-    attention, report.context = _attention_row(model, recipe, context)
-    if attention is not None:
-        report.rows.append(attention)
+    attention_row, report.context = _attention_row(model, context)
+    if attention_row is not None:
+        report.rows.append(attention_row)
+    if recipe.attention:
+        _convert_attention(model, recipe, report, attention_row)
     total = sum(r.flops_per_token for r in report.rows)
     fp8 = sum(r.flops_per_token for r in report.rows if r.fp8)
     report.fp8_flop_fraction = fp8 / total if total else 0.0
@@ -199,14 +224,17 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
 
 def revert_model(model: nn.Module) -> list[str]:
     """Turn every FP8Linear/FP8Conv1D of `model` back into nn.Linear/Conv1D sharing the same
-    Parameters (the FP8 scaling state is dropped). Returns the reverted module names."""
-    reverted = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, FP8Linear):
-            _set_submodule(model, name, module.to_linear())
-        elif isinstance(module, FP8Conv1D):
-            _set_submodule(model, name, module.to_conv1d())
-        else:
+    Parameters, and FP8 attention back to the attention implementation used before (the FP8 scaling
+    state is dropped). Returns the reverted module names."""
+    if isinstance(model, (FP8Linear, FP8Conv1D)):
+        raise TypeError("revert_model reverts the layers inside a model; for one layer use layer.to_linear() / layer.to_conv1d()")
+    reverted = attention.revert_attention(model)
+    plain: dict[int, nn.Module] = {}  # a layer shared under several names stays shared
+    for name, module in list(model.named_modules(remove_duplicate=False)):
+        if not isinstance(module, (FP8Linear, FP8Conv1D)):
             continue
+        if id(module) not in plain:
+            plain[id(module)] = module.to_linear() if isinstance(module, FP8Linear) else module.to_conv1d()
+        _set_submodule(model, name, plain[id(module)])
         reverted.append(name)
     return reverted

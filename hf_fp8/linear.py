@@ -11,6 +11,8 @@ x and w are what autograd saves for backward (half the bytes of BF16). Bias stay
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -70,6 +72,36 @@ class _CastGradOutputDelayed(torch.autograd.Function):
         return grad_fp8, None, None
 
 
+@contextlib.contextmanager
+def _cpu_fp8_gemm_context(t: torch.Tensor):
+    """On CPU, torch sends E4M3 x E4M3 `_scaled_mm` to oneDNN, which has no native FP8 on most
+    CPUs and runs ~50x slower than torch's own kernel (identical results); switch oneDNN off for
+    the FP8 GEMMs only, so the user's BF16 ops keep it. (Not `mkldnn.flags()`: it warns on each use.)"""
+    if t.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+        yield
+        return
+    torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = True
+
+
+@torch._dynamo.allow_in_graph
+class _FP8Matmul(matmul_with_hp_or_float8_args):
+    """torchao's Float8Linear matmul, with the CPU oneDNN switch around both passes."""
+
+    @staticmethod
+    def forward(ctx, input_fp8, weight_t_fp8, linear_mm_config, config):
+        with _cpu_fp8_gemm_context(input_fp8):
+            return matmul_with_hp_or_float8_args.forward(ctx, input_fp8, weight_t_fp8, linear_mm_config, config)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        with _cpu_fp8_gemm_context(grad_output):
+            return matmul_with_hp_or_float8_args.backward(ctx, grad_output)
+
+
 def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool) -> torch.Tensor:
     """x (..., K) @ weight_t (K, N) -> (..., N) in x's dtype, all three GEMMs in FP8.
 
@@ -81,7 +113,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     with torch.autocast(x.device.type, enabled=False):
         x_fp8 = _cast_delayed(x, state, _INPUT, mm_config, GemmInputRole.INPUT, record)
         w_fp8 = _cast_delayed(weight_t, state, _WEIGHT, mm_config, GemmInputRole.WEIGHT, record)
-        out = matmul_with_hp_or_float8_args.apply(x_fp8, w_fp8, mm_config, _TORCHAO_CONFIG)
+        out = _FP8Matmul.apply(x_fp8, w_fp8, mm_config, _TORCHAO_CONFIG)
         if torch.is_grad_enabled() and out.requires_grad:
             out = _CastGradOutputDelayed.apply(out, state, mm_config)
     return out

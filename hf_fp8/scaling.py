@@ -86,10 +86,16 @@ def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
 
 
 def delayed_scale_states(model: nn.Module) -> list[tuple[str, DelayedScale]]:
-    return [(name, m) for name, m in model.named_modules() if isinstance(m, DelayedScale)]
+    """(name of the FP8 layer owning the state, state) for every DelayedScale in `model`;
+    the model itself is named "<root>"."""
+    out = []
+    for name, m in model.named_modules():
+        if isinstance(m, DelayedScale):
+            owner = name.rpartition(".")[0] if "." in name else "<root>"
+            out.append((owner, m))
+    return out
 
 
-@torch.no_grad()
 def update_scales(model: nn.Module) -> None:
     """Roll every amax history of `model` once and recompute every scale. Call once per optimizer
     step, after the step (or use `attach(model, optimizer)`).
@@ -102,6 +108,11 @@ def update_scales(model: nn.Module) -> None:
       ends the step with identical histories and scales.
     Raises RuntimeError if no FP8 forward pass ran since the last update (nothing to update).
     """
+    with torch.no_grad():
+        _update_scales(model)
+
+
+def _update_scales(model: nn.Module) -> None:
     states = delayed_scale_states(model)
     if not states:
         raise ValueError(
@@ -112,7 +123,7 @@ def update_scales(model: nn.Module) -> None:
     # (N,) all roles of all layers, one flat vector -> one collective.
     pending = torch.cat([m.pending_amax for m in modules])
     # NaN under a MAX all-reduce is backend-defined; +inf is not, and is just as non-finite.
-    pending = torch.nan_to_num(pending, nan=float("inf"))
+    pending = torch.nan_to_num(pending, nan=float("inf"), posinf=float("inf"), neginf=float("inf"))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(pending, op=dist.ReduceOp.MAX)
     recorded = pending >= 0
@@ -181,7 +192,7 @@ def _check_recorded_and_finite(states, recorded, finite) -> None:
         for name, m in states:
             for role in m.roles:
                 if k in flat:
-                    names.append(f"{name.removesuffix('.fp8_scale') or '<root>'}:{role}")
+                    names.append(f"{name}:{role}")
                 k += 1
         msg = (
             f"update_scales: non-finite (inf/NaN) amax in {len(names)} FP8 tensor(s): "
@@ -191,7 +202,7 @@ def _check_recorded_and_finite(states, recorded, finite) -> None:
         )
         if policy == "raise":
             raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+        warnings.warn(msg, RuntimeWarning, stacklevel=4)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer):

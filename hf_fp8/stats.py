@@ -17,7 +17,6 @@ def fp8_stats(model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
     initialized, nonfinite_skips}. Layer names are the FP8 modules' names in `model`."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, state in delayed_scale_states(model):
-        layer = name.removesuffix(".fp8_scale").removesuffix("fp8_scale") or "<root>"
         history = state.amax_history.float().cpu()
         reduced = history.amax(dim=1) if state.amax_compute_algo == "max" else history[:, 0]
         roles = {}
@@ -29,5 +28,5 @@ def fp8_stats(model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
                 "initialized": bool(state.initialized[i].item()),
                 "nonfinite_skips": int(state.nonfinite_skips[i].item()),
             }
-        out[layer] = roles
+        out[name] = roles
     return out

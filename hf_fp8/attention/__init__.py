@@ -1,0 +1,84 @@
+"""FP8 attention: QK^T and P.V as FP8 GEMMs with delayed scales, as a transformers attention backend."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from ..recipe import FP8Recipe
+from ..scaling import DelayedScale
+from .reference import ATTENTION_ROLES, fp8_attention_reference
+from .register import ATTN_IMPLEMENTATION, STATE_ATTR, hf_fp8_attention_forward, register
+
+__all__ = [
+    "ATTENTION_ROLES",
+    "ATTN_IMPLEMENTATION",
+    "attention_modules",
+    "convert_attention",
+    "fp8_attention_reference",
+    "hf_fp8_attention_forward",
+    "register",
+    "revert_attention",
+]
+
+# Remembers the implementation a model had before conversion, so revert can restore it.
+_PREVIOUS_IMPLEMENTATION = "_hf_fp8_previous_attn_implementation"
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The modules that call transformers' attention interface: HF attention classes keep their
+    config and head_dim and are named *Attention."""
+    return [
+        (name, m)
+        for name, m in model.named_modules()
+        if type(m).__name__.endswith("Attention") and hasattr(m, "config") and hasattr(m, "head_dim")
+    ]
+
+
+def why_attention_stays_high_precision(model: nn.Module) -> str | None:
+    """Why this model's attention cannot run as `hf_fp8` attention, or None if it can."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        return "not a transformers PreTrainedModel (no attn_implementation to switch)"
+    if not getattr(model, "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        return "attention logit soft-capping (attn_logit_softcapping) is not supported by hf_fp8 attention"
+    if getattr(config, "attention_dropout", 0.0):
+        return f"attention_dropout={config.attention_dropout}: hf_fp8 attention supports dropout 0 only"
+    if any(hasattr(m, "sinks") for _, m in attention_modules(model)):
+        return "attention sinks are not supported by hf_fp8 attention"
+    if not attention_modules(model):
+        return "no attention module found (*Attention with config and head_dim)"
+    return None
+
+
+def convert_attention(model: nn.Module, recipe: FP8Recipe) -> list[str]:
+    """Give every attention module its FP8 scales and switch the model to `hf_fp8` attention.
+    Call only when `why_attention_stays_high_precision(model)` is None. Returns module names."""
+    register()
+    fwd, bwd = recipe.forward_dtype, recipe.backward_dtype
+    names = []
+    for name, module in attention_modules(model):
+        if not isinstance(getattr(module, STATE_ATTR, None), DelayedScale):
+            device = next(module.parameters()).device
+            setattr(module, STATE_ATTR, DelayedScale(ATTENTION_ROLES, (fwd, fwd, fwd, bwd, bwd), recipe, device=device))
+        names.append(name)
+    current = model.config._attn_implementation
+    if current != ATTN_IMPLEMENTATION:
+        setattr(model, _PREVIOUS_IMPLEMENTATION, current)
+        model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    return names
+
+
+def revert_attention(model: nn.Module) -> list[str]:
+    """Drop the FP8 attention scales and restore the attention implementation used before."""
+    names = []
+    for name, module in attention_modules(model):
+        if hasattr(module, STATE_ATTR):
+            delattr(module, STATE_ATTR)
+            names.append(name)
+    previous = getattr(model, _PREVIOUS_IMPLEMENTATION, None)
+    if previous is not None:
+        model.set_attn_implementation(previous)
+        delattr(model, _PREVIOUS_IMPLEMENTATION)
+    return names

@@ -1,0 +1,183 @@
+"""The `hf-fp8` command line: `train` (in-process and through the installed console script),
+`inspect` on config files and model directories, and its errors for bad input.
+
+Training runs are tiny (a few steps of a few 32-token sequences) so the whole file stays fast."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hf_fp8 import _data
+from hf_fp8.cli import main
+
+# A few steps of the default model; enough for the loss to fall from its random-init value.
+TINY_TRAIN = ["train", "--steps", "6", "--batch-size", "2", "--seq-len", "32", "--log-every", "3"]
+
+LLAMA_CONFIG = {
+    "model_type": "llama",
+    "vocab_size": 256,
+    "hidden_size": 64,
+    "intermediate_size": 200,  # not a multiple of 16: the MLP linears must stay in high precision
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+GPT2_CONFIG = {"model_type": "gpt2", "vocab_size": 256, "n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 128}
+
+
+def write_json(path: Path, data: dict) -> Path:
+    path.write_text(json.dumps(data))
+    return path
+
+
+def check_train_results(results: dict) -> None:
+    """Both runs trained to finite losses, and the FP8 loss went down."""
+    assert set(results["runs"]) == {"fp8", "bf16"}
+    for name, run in results["runs"].items():
+        for key in ("final_train_loss", "eval_loss", "tokens_per_s"):
+            assert math.isfinite(run[key]), (name, key, run[key])
+        assert all(math.isfinite(loss) for loss in run["losses"]), (name, run["losses"])
+    fp8_losses = results["runs"]["fp8"]["losses"]
+    assert fp8_losses[-1] < fp8_losses[0], fp8_losses
+    assert results["runs"]["fp8"]["fp8_layers"] > 0
+    assert set(results["fp8_over_baseline"]) == {"final_train_loss", "eval_loss", "tokens_per_s"}
+
+
+def test_train_in_process_with_recipe(tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("amax_history_len: 16\nmargin: 1\n")
+    output = tmp_path / "results.json"
+
+    assert main(TINY_TRAIN + ["--recipe", str(recipe), "--output-json", str(output)]) == 0
+
+    printed = capsys.readouterr().out
+    assert "hf_fp8 coverage:" in printed  # the FP8 report, printed before training
+    assert "history=16" in printed and "margin=1" in printed  # ... of the recipe from the file
+    assert "[fp8] step     3/6" in printed and "[bf16] step     6/6" in printed  # loss every --log-every steps
+    assert "FP8 vs BF16" in printed and "fp8/bf16" in printed and "eval loss (held-out)" in printed
+    results = json.loads(output.read_text())
+    check_train_results(results)
+    assert results["settings"]["recipe"]["amax_history_len"] == 16
+    # Same init and same batches: the two runs start from the same loss (only the GEMM precision differs).
+    first_fp8, first_bf16 = results["runs"]["fp8"]["losses"][0], results["runs"]["bf16"]["losses"][0]
+    assert abs(first_fp8 - first_bf16) < 0.05 * first_bf16
+
+
+def test_train_console_script(tmp_path):
+    script = shutil.which("hf-fp8") or str(Path(sys.executable).parent / "hf-fp8")
+    assert os.path.isfile(script), "the hf-fp8 console script is not installed (pip install -e .)"
+    output = tmp_path / "results.json"
+
+    done = subprocess.run([script, *TINY_TRAIN, "--output-json", str(output)], capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 0, done.stderr
+    assert "hf_fp8 coverage:" in done.stdout
+    assert "FP8 vs BF16" in done.stdout and "final train loss" in done.stdout
+    assert "fp8 training" in done.stderr  # the tqdm progress bar
+    check_train_results(json.loads(output.read_text()))
+
+
+def test_train_without_baseline_fp32_compute(tmp_path, capsys):
+    output = tmp_path / "results.json"
+    assert main(TINY_TRAIN + ["--no-bf16-baseline", "--dtype", "fp32", "--output-json", str(output)]) == 0
+    results = json.loads(output.read_text())
+    assert list(results["runs"]) == ["fp8"]
+    assert "fp8_over_baseline" not in results
+    assert "FP8:" in capsys.readouterr().out
+
+
+def test_train_with_model_config(tmp_path, capsys):
+    config = write_json(tmp_path / "gpt2.json", GPT2_CONFIG)
+    assert main(TINY_TRAIN + ["--model-config", str(config), "--no-bf16-baseline"]) == 0
+    printed = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in printed and "Conv1D" in printed
+
+
+def test_inspect_config_json(tmp_path, capsys):
+    config = write_json(tmp_path / "llama.json", LLAMA_CONFIG)
+    assert main(["inspect", str(config)]) == 0
+    printed = capsys.readouterr().out
+    assert "LlamaForCausalLM" in printed and "meta device" in printed
+    assert "hf_fp8 coverage: 8/15 GEMM layers in FP8" in printed  # q/k/v/o of 2 layers
+    assert "in_features=200 not a multiple of 16" in printed  # down_proj, with the reason
+
+
+def test_inspect_model_dir_with_recipe(tmp_path, capsys):
+    model_dir = tmp_path / "gpt2-tiny"
+    model_dir.mkdir()
+    write_json(model_dir / "config.json", GPT2_CONFIG)
+    recipe = write_json(tmp_path / "recipe.json", {"fp8_format": "e4m3", "skip": ["lm_head", "*embed*", "c_proj"]})
+    assert main(["inspect", str(model_dir), "--recipe", str(recipe), "--context", "64"]) == 0
+    printed = capsys.readouterr().out
+    assert "GPT2LMHeadModel" in printed and "Conv1D" in printed
+    assert "format=e4m3" in printed and "skip pattern 'c_proj'" in printed
+    assert "attention counted at context 64" in printed
+
+
+def test_python_dash_m_runs_the_cli(tmp_path):
+    config = write_json(tmp_path / "llama.json", LLAMA_CONFIG)
+    done = subprocess.run([sys.executable, "-m", "hf_fp8", "inspect", str(config)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "hf_fp8 coverage:" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "make_argv, message",
+    [
+        (lambda tmp: ["inspect", str(tmp / "missing")], "does not exist"),
+        (lambda tmp: ["inspect", str(tmp)], "without a config.json"),
+        (lambda tmp: ["inspect", str(write_json(tmp / "c.json", {"hidden_size": 64}))], 'has no "model_type"'),
+        (lambda tmp: ["inspect", str(write_json(tmp / "c.json", {"model_type": "no-such-model"}))], "is not a model type"),
+        (lambda tmp: ["inspect", str(write_json(tmp / "c.json", LLAMA_CONFIG)), "--recipe", str(tmp / "r.yaml")], "file not found"),
+        (lambda tmp: ["train", "--steps", "0"], "must be >= 1"),
+        (lambda tmp: ["train", "--lr", "nan"], "finite number > 0"),
+        (lambda tmp: ["train", "--batch-size", "two"], "expected a positive integer"),
+        (lambda tmp: ["train", "--seq-len", "1"], "--seq-len must be >= 2"),
+        (lambda tmp: ["train", "--dtype", "fp16"], "invalid choice"),
+        (lambda tmp: ["train", "--output-json", str(tmp / "no-dir" / "r.json")], "does not exist"),
+        (lambda tmp: ["train", "--model-config", str(write_json(tmp / "c.json", {**LLAMA_CONFIG, "vocab_size": 100}))], "vocab_size"),
+        (lambda tmp: ["train", "--model-config", str(write_json(tmp / "c.json", LLAMA_CONFIG)), "--seq-len", "256"], "max_position_embeddings"),
+        (lambda tmp: ["train", "--recipe", str(write_json(tmp / "r.json", {"margn": 1}))], "Did you mean 'margin'"),
+    ],
+)
+def test_bad_input_is_a_usage_error(tmp_path, capsys, make_argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(make_argv(tmp_path))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_train_on_cuda_without_cuda_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--device", "cuda"])
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_byte_tokenizer_round_trip():
+    text = "def f(x):\n    return x  # déjà vu ✓"
+    ids = _data.encode(text)
+    assert ids.dtype == torch.uint8 and int(ids.max()) < _data.VOCAB_SIZE
+    assert _data.decode(ids) == text
+
+
+def test_corpus_falls_back_to_bundled_text(monkeypatch):
+    monkeypatch.setattr(_data, "stdlib_source_files", lambda: [])
+    corpus = _data.load_corpus()
+    assert "fallback" in corpus.source
+    assert len(corpus.train) > 10 * len(corpus.heldout) / 2 > 0
+    assert "eight-bit" in _data.decode(corpus.train[:200])
+
+
+def test_corpus_split_is_deterministic():
+    first, second = _data.load_corpus(max_bytes=200_000), _data.load_corpus(max_bytes=200_000)
+    assert torch.equal(first.train, second.train) and torch.equal(first.heldout, second.heldout)
+    assert len(first.heldout) > 0 and len(first.train) > len(first.heldout)

@@ -1,0 +1,164 @@
+"""FP8Linear numerics against high-precision nn.Linear, on the real torch._scaled_mm path (CPU).
+
+Tolerance: SQNR >= 20 dB for output, grad-input and grad-weight (E4M3 has 3 mantissa bits, E5M2
+two; torchao's tensorwise recipe reaches 24-28 dB on such layers).
+"""
+
+import pytest
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+import hf_fp8
+from hf_fp8._torchao import Float8TrainingTensor
+from hf_fp8.linear import FP8Conv1D
+
+MIN_SQNR_DB = 20.0
+# CI runs the CPU cases; on the GPU machine the same tests run on CUDA too (torch._scaled_mm there
+# has real layout and alignment rules the CPU kernel does not).
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    ref, test = ref.float(), test.float()
+    assert torch.isfinite(test).all(), "NaN/inf in FP8 result"
+    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
+
+
+def run_pair(fp8_layer, ref_layer, x, grad_out, autocast=False):
+    """Forward + backward of both layers on the same input; returns (fp8, ref) of (out, dx, dw)."""
+    results = []
+    device = fp8_layer.weight.device
+    dtype = torch.float32 if autocast else fp8_layer.weight.dtype
+    x, grad_out = x.to(device, dtype), grad_out.to(device, dtype)
+    for layer in (fp8_layer, ref_layer):
+        xi = x.clone().requires_grad_()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(xi)
+        out.backward(grad_out.to(out.dtype))
+        results.append((out.detach(), xi.grad, layer.weight.grad.clone()))
+        layer.weight.grad = None
+    return results
+
+
+def make_pair(in_f, out_f, dtype, bias=True, device="cpu"):
+    torch.manual_seed(0)
+    ref = nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
+    fp8 = nn.Linear(in_f, out_f, bias=bias, dtype=dtype, device=device)
+    fp8.load_state_dict(ref.state_dict())
+    return hf_fp8.FP8Linear.from_linear(fp8), ref
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_matches_high_precision(dtype, bias, device):
+    fp8, ref = make_pair(256, 128, dtype, bias, device)
+    x = torch.randn(4, 32, 256, dtype=dtype)
+    grad_out = torch.randn(4, 32, 128, dtype=dtype)
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = run_pair(fp8, ref, x, grad_out)
+    assert y.dtype == dtype and dx.dtype == dtype and dw.dtype == dtype
+    assert sqnr(y_ref, y) >= MIN_SQNR_DB
+    assert sqnr(dx_ref, dx) >= MIN_SQNR_DB
+    assert sqnr(dw_ref, dw) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_fp8_linear_under_autocast_keeps_fp32_master_weights(device):
+    fp8, ref = make_pair(128, 64, torch.float32, device=device)
+    x = torch.randn(64, 128)
+    grad_out = torch.randn(64, 64)
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = run_pair(fp8, ref, x, grad_out, autocast=True)
+    # Same output dtype rule as F.linear under autocast; weight grads land in the fp32 master dtype.
+    assert y.dtype == torch.bfloat16 and y_ref.dtype == torch.bfloat16
+    assert dw.dtype == torch.float32
+    assert sqnr(y_ref, y) >= MIN_SQNR_DB
+    assert sqnr(dx_ref, dx) >= MIN_SQNR_DB
+    assert sqnr(dw_ref, dw) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_token_count_not_multiple_of_16(device):
+    # 3 x 7 = 21 tokens: the grad-weight GEMM reduces over tokens, so its inner dim gets padded.
+    fp8, ref = make_pair(64, 32, torch.bfloat16, device=device)
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = run_pair(fp8, ref, torch.randn(3, 7, 64), torch.randn(3, 7, 32))
+    assert min(sqnr(y_ref, y), sqnr(dx_ref, dx), sqnr(dw_ref, dw)) >= MIN_SQNR_DB
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt, grad_dtype", [("hybrid", torch.float8_e5m2), ("e4m3", torch.float8_e4m3fn)])
+def test_all_three_gemms_run_in_fp8(monkeypatch, fmt, grad_dtype, device):
+    """Forward E4M3xE4M3, grad-input and grad-weight (grad format)xE4M3, each one torch._scaled_mm."""
+    calls = []
+    real = torch._scaled_mm
+
+    def spy(a, b, *args, **kwargs):
+        calls.append((a.dtype, b.dtype, tuple(a.shape), tuple(b.shape)))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    torch.manual_seed(0)
+    layer = hf_fp8.FP8Linear(64, 32, recipe=hf_fp8.FP8Recipe(fp8_format=fmt), device=device, dtype=torch.bfloat16)
+    x = torch.randn(16, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).backward(torch.randn(16, 32, device=device, dtype=torch.bfloat16))
+    e4m3 = torch.float8_e4m3fn
+    assert calls == [
+        (e4m3, e4m3, (16, 64), (64, 32)),  # out = x @ w.T
+        (grad_dtype, e4m3, (16, 32), (32, 64)),  # grad_input = go @ w
+        (grad_dtype, e4m3, (32, 16), (16, 64)),  # grad_weight = go.T @ x
+    ]
+
+
+def test_backward_saves_fp8_not_high_precision_activations():
+    layer = hf_fp8.FP8Linear(64, 32, dtype=torch.bfloat16)
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x)
+    fp8_saved = [t for t in saved if isinstance(t, Float8TrainingTensor)]
+    assert len(fp8_saved) == 2  # x and w, as FP8 (1 byte per element)
+    assert all(t._data.dtype == torch.float8_e4m3fn for t in fp8_saved)
+    assert not any(t.shape == x.shape and t.dtype == torch.bfloat16 and not isinstance(t, Float8TrainingTensor) for t in saved)
+
+
+def test_from_linear_shares_parameters_and_to_linear_reverts():
+    lin = nn.Linear(32, 48)
+    fp8 = hf_fp8.FP8Linear.from_linear(lin)
+    assert fp8.weight is lin.weight and fp8.bias is lin.bias
+    back = fp8.to_linear()
+    assert type(back) is nn.Linear and back.weight is lin.weight
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(back(x), lin(x), rtol=0, atol=0)
+
+
+def test_fp8_dims_must_be_multiples_of_16():
+    with pytest.raises(ValueError, match="in_features=30 not a multiple of 16"):
+        hf_fp8.FP8Linear(30, 32)
+    with pytest.raises(ValueError, match="out_features=40 not a multiple of 16"):
+        hf_fp8.FP8Linear.from_linear(nn.Linear(32, 40))
+
+
+def test_fp8_conv1d_matches_conv1d():
+    torch.manual_seed(0)
+    ref = Conv1D(96, 64)  # nf=96 outputs, nx=64 inputs; weight stored (64, 96)
+    with torch.no_grad():
+        ref.bias.normal_()
+    conv = Conv1D(96, 64)
+    conv.load_state_dict(ref.state_dict())
+    fp8 = FP8Conv1D.from_conv1d(conv)
+    assert fp8.weight is conv.weight
+    (y, dx, dw), (y_ref, dx_ref, dw_ref) = run_pair(fp8, ref, torch.randn(2, 16, 64), torch.randn(2, 16, 96))
+    assert min(sqnr(y_ref, y), sqnr(dx_ref, dx), sqnr(dw_ref, dw)) >= MIN_SQNR_DB
+    assert type(fp8.to_conv1d()) is Conv1D
+
+
+def test_outputs_are_not_trivially_equal_to_high_precision():
+    """Guards the SQNR tests: the FP8 path must actually quantize (an exact match means no FP8)."""
+    fp8, ref = make_pair(128, 64, torch.float32)
+    x = torch.randn(32, 128)
+    assert not torch.equal(fp8(x), ref(x))

@@ -1,0 +1,276 @@
+"""Delayed-scaling semantics, one behaviour per test: history roll, max vs most_recent, margin,
+micro-batch max-reduction with one update per optimizer step, first-step init, non-finite amaxes,
+state_dict round trip, and the one-collective all-reduce under torch.distributed (gloo)."""
+
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import hf_fp8
+from hf_fp8.scaling import delayed_scale_states
+
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
+E5M2_MAX = torch.finfo(torch.float8_e5m2).max  # 57344
+INPUT, WEIGHT, GRAD = 0, 1, 2
+
+
+def make_layer(**recipe):
+    torch.manual_seed(0)
+    return hf_fp8.FP8Linear(32, 16, recipe=hf_fp8.FP8Recipe(**recipe))
+
+
+def step(layer, amax, grad_amax=None):
+    """One forward(+backward) whose input has absolute max exactly `amax` (and grad-output max
+    `grad_amax`), followed by an optimizer-step-time update."""
+    forward_backward(layer, amax, grad_amax)
+    hf_fp8.update_scales(layer)
+
+
+def forward_backward(layer, amax, grad_amax=None):
+    x = torch.rand(16, 32) * 0.5 * amax
+    x[3, 7] = -amax
+    x.requires_grad_(grad_amax is not None)
+    out = layer(x)
+    if grad_amax is not None:
+        g = torch.rand(16, 16) * 0.5 * grad_amax
+        g[0, 0] = grad_amax
+        out.backward(g)
+
+
+def test_history_rolls_newest_first():
+    layer = make_layer(amax_history_len=4)
+    for amax in (1.0, 2.0, 3.0, 4.0, 5.0):
+        step(layer, amax, grad_amax=amax / 10)
+    s = layer.fp8_scale
+    torch.testing.assert_close(s.amax_history[INPUT], torch.tensor([5.0, 4.0, 3.0, 2.0]))  # 1.0 rolled out
+    torch.testing.assert_close(s.amax_history[GRAD], torch.tensor([0.5, 0.4, 0.3, 0.2]))
+    weight_amax = layer.weight.detach().abs().max()
+    torch.testing.assert_close(s.amax_history[WEIGHT], weight_amax.repeat(4))
+
+
+def test_max_vs_most_recent():
+    by_algo = {}
+    for algo in ("max", "most_recent"):
+        layer = make_layer(amax_compute_algo=algo, amax_history_len=8)
+        for amax in (8.0, 2.0):
+            step(layer, amax)
+        by_algo[algo] = layer.fp8_scale.scale[INPUT].item()
+    assert by_algo["max"] == pytest.approx(E4M3_MAX / 8.0)
+    assert by_algo["most_recent"] == pytest.approx(E4M3_MAX / 2.0)
+
+
+def test_history_length_bounds_memory_of_max():
+    layer = make_layer(amax_history_len=2)
+    for amax in (8.0, 1.0, 1.0):
+        step(layer, amax)
+    # 8.0 left the 2-step window
+    assert layer.fp8_scale.scale[INPUT].item() == pytest.approx(E4M3_MAX / 1.0)
+
+
+@pytest.mark.parametrize("margin", [0, 1, 3])
+def test_each_unit_of_margin_halves_the_scale(margin):
+    layer = make_layer(margin=margin)
+    step(layer, 4.0, grad_amax=0.25)
+    s = layer.fp8_scale.scale
+    assert s[INPUT].item() == pytest.approx(E4M3_MAX / 4.0 / 2**margin)
+    assert s[GRAD].item() == pytest.approx(E5M2_MAX / 0.25 / 2**margin)
+
+
+def test_micro_batches_are_max_reduced_and_scales_change_once_per_step():
+    layer = make_layer()
+    step(layer, 1.0, grad_amax=1.0)
+    scale_before = layer.fp8_scale.scale.clone()
+    for amax, grad_amax in ((3.0, 0.5), (7.0, 0.1), (2.0, 2.0)):  # 3 micro-batches, no update
+        forward_backward(layer, amax, grad_amax)
+        torch.testing.assert_close(layer.fp8_scale.scale, scale_before, rtol=0, atol=0)
+    hf_fp8.update_scales(layer)
+    s = layer.fp8_scale
+    assert s.amax_history[INPUT, 0].item() == 7.0 and s.amax_history[GRAD, 0].item() == 2.0
+    assert s.amax_history[INPUT, 1].item() == 1.0  # one roll for three micro-batches
+    assert s.scale[INPUT].item() == pytest.approx(E4M3_MAX / 7.0)
+
+
+def test_attach_updates_once_per_optimizer_step_with_gradient_accumulation():
+    layer = make_layer()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    hf_fp8.attach(layer, opt)
+    accumulation, steps = 4, 3
+    for _ in range(steps):
+        for micro in range(accumulation):
+            forward_backward(layer, 1.0 + micro, grad_amax=1.0)
+        opt.step()
+        opt.zero_grad()
+    history = layer.fp8_scale.amax_history[INPUT]
+    assert (history > 0).sum().item() == steps  # 3 rolls, not 12
+    torch.testing.assert_close(history[:steps], torch.full((steps,), 4.0))
+
+
+def test_attach_twice_is_refused_and_handle_detaches():
+    layer = make_layer()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    handle = hf_fp8.attach(layer, opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        hf_fp8.attach(layer, opt)
+    handle.remove()
+    hf_fp8.attach(layer, opt)  # allowed again once detached
+
+
+def test_first_step_uses_the_tensors_own_amax():
+    """Before any update the scale buffer is a placeholder (1.0); casting with it would saturate an
+    input of amax 1e4 at 448. The first step must scale dynamically instead."""
+    layer = make_layer()
+    assert not layer.fp8_scale.initialized.any()
+    x = torch.randn(16, 32) * 1e4
+    ref = x @ layer.weight.detach().t() + layer.bias.detach()
+    out = layer(x)
+    sqnr = 20 * torch.log10(ref.norm() / (ref - out.detach()).norm())
+    assert sqnr.item() >= 20.0
+    hf_fp8.update_scales(layer)
+    assert layer.fp8_scale.initialized[INPUT] and layer.fp8_scale.initialized[WEIGHT]
+    assert not layer.fp8_scale.initialized[GRAD]  # no backward ran: grad scale stays uninitialized
+    assert layer.fp8_scale.scale[INPUT].item() == pytest.approx(E4M3_MAX / x.abs().max().item())
+
+
+def test_delayed_scale_is_used_after_first_update():
+    """After an update the cast uses the stored scale, not the current tensor's amax: an input
+    much larger than the history saturates (that is what delayed scaling means)."""
+    layer = make_layer()
+    step(layer, 1.0)
+    x = torch.randn(16, 32)
+    x = x / x.abs().max() * 100.0  # 100x the recorded amax -> clipped to 448/scale = 1.0
+    out = layer(x)
+    clipped = x.clamp(-1.0, 1.0) @ layer.weight.detach().t() + layer.bias.detach()
+    sqnr = 20 * torch.log10(clipped.norm() / (clipped - out.detach()).norm())
+    assert sqnr.item() >= 20.0
+
+
+def test_nonfinite_amax_is_skipped_counted_and_warned():
+    layer = make_layer()
+    step(layer, 2.0, grad_amax=1.0)
+    history, scale = layer.fp8_scale.amax_history.clone(), layer.fp8_scale.scale.clone()
+    x = torch.randn(16, 32)
+    x[0, 0] = float("nan")
+    layer(x)
+    with pytest.warns(RuntimeWarning, match=r"non-finite .*<root>:input"):
+        hf_fp8.update_scales(layer)
+    s = layer.fp8_scale
+    assert s.nonfinite_skips.tolist() == [1, 0, 0]
+    torch.testing.assert_close(s.amax_history[INPUT], history[INPUT], rtol=0, atol=0)
+    assert s.scale[INPUT] == scale[INPUT]
+    assert s.amax_history[WEIGHT, 0] > 0 and s.amax_history[WEIGHT, 1] > 0  # weight still rolled
+    stats = hf_fp8.fp8_stats(layer)
+    assert stats["<root>"]["input"]["nonfinite_skips"] == 1
+
+
+def test_nonfinite_policy_raise_and_skip():
+    layer = make_layer(on_nonfinite_amax="raise")
+    layer(torch.full((16, 32), float("inf")))
+    with pytest.raises(FloatingPointError, match="<root>:input"):
+        hf_fp8.update_scales(layer)
+    layer = make_layer(on_nonfinite_amax="skip")
+    layer(torch.full((16, 32), float("inf")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_fp8.update_scales(layer)
+    assert layer.fp8_scale.nonfinite_skips[INPUT].item() == 1
+
+
+def test_update_before_any_forward_and_without_fp8_layers():
+    with pytest.raises(RuntimeError, match="no FP8 forward pass was recorded"):
+        hf_fp8.update_scales(make_layer())
+    with pytest.raises(ValueError, match="convert_model"):
+        hf_fp8.update_scales(nn.Linear(16, 16))
+    with pytest.raises(ValueError, match="convert_model"):
+        hf_fp8.attach(nn.Linear(16, 16), torch.optim.SGD(nn.Linear(16, 16).parameters(), lr=0.1))
+
+
+def test_eval_mode_does_not_record():
+    layer = make_layer()
+    step(layer, 1.0)
+    layer.eval()
+    layer(torch.randn(16, 32) * 50)
+    assert (layer.fp8_scale.pending_amax < 0).all()
+
+
+def test_zero_tensor_keeps_scale():
+    layer = make_layer()
+    step(layer, 2.0)
+    scale = layer.fp8_scale.scale[INPUT].item()
+    layer(torch.zeros(16, 32))
+    hf_fp8.update_scales(layer)
+    assert layer.fp8_scale.scale[INPUT].item() == scale  # the 2.0 is still in the history
+    fresh = make_layer()
+    fresh(torch.zeros(16, 32))
+    hf_fp8.update_scales(fresh)
+    assert not fresh.fp8_scale.initialized[INPUT]  # an all-zero history gives no scale
+
+
+def test_state_dict_round_trip_restores_scales_and_histories_exactly():
+    layer = make_layer(amax_history_len=16)
+    for amax in (1.0, 3.0, 2.0):
+        step(layer, amax, grad_amax=amax)
+    state = layer.state_dict()
+    for key in ("fp8_scale.amax_history", "fp8_scale.scale", "fp8_scale.initialized", "fp8_scale.nonfinite_skips"):
+        assert key in state
+    fresh = hf_fp8.FP8Linear(32, 16, recipe=hf_fp8.FP8Recipe(amax_history_len=16))
+    fresh.load_state_dict(state)
+    for name, buf in layer.fp8_scale.named_buffers():
+        assert torch.equal(buf, getattr(fresh.fp8_scale, name)), name
+    x = torch.randn(8, 32)
+    assert torch.equal(layer(x), fresh(x))
+
+
+def test_one_update_handles_all_layers_of_a_model():
+    model = nn.Sequential(hf_fp8.FP8Linear(32, 64), nn.ReLU(), hf_fp8.FP8Linear(64, 16))
+    model(torch.randn(16, 32)).sum().backward()
+    hf_fp8.update_scales(model)
+    for _, state in delayed_scale_states(model):
+        assert state.initialized.all()
+        assert (state.pending_amax == -1).all()
+
+
+# ---- torch.distributed: one all-reduce (MAX) for all layers, identical histories on all ranks ----
+
+
+def _distributed_worker(rank, world_size, init_file, results):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        torch.manual_seed(0)  # same weights on both ranks
+        model = nn.Sequential(hf_fp8.FP8Linear(32, 32), hf_fp8.FP8Linear(32, 16))
+        calls = []
+        real = dist.all_reduce
+
+        def counting_all_reduce(tensor, *args, **kwargs):
+            calls.append(tensor.numel())
+            return real(tensor, *args, **kwargs)
+
+        dist.all_reduce = counting_all_reduce
+        x = torch.randn(16, 32) * (rank + 1)  # rank 1 sees twice the amax of rank 0
+        model(x).sum().backward()
+        hf_fp8.update_scales(model)
+        dist.all_reduce = real
+        states = [s for _, s in delayed_scale_states(model)]
+        results[rank] = {
+            "calls": calls,
+            "history": torch.stack([s.amax_history[:, 0] for s in states]),
+            "local_input_amax": x.abs().max().item(),
+        }
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_update_is_one_all_reduce_max(tmp_path):
+    world_size = 2
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_distributed_worker, args=(world_size, str(tmp_path / "init"), results), nprocs=world_size)
+        results = dict(results)
+    assert results[0]["calls"] == [6] and results[1]["calls"] == [6]  # 2 layers x 3 roles, one collective
+    assert torch.equal(results[0]["history"], results[1]["history"])
+    global_max = max(results[r]["local_input_amax"] for r in range(world_size))
+    assert results[0]["history"][0, INPUT].item() == pytest.approx(global_max)
