@@ -47,10 +47,13 @@ def convert(model, mode: str):
         config = Float8LinearConfig.from_recipe_name("tensorwise")
         convert_to_float8_training(model, config=config, module_filter_fn=lambda m, name: name != "lm_head")
         return None
-    if mode == "hf_fp8":
+    if mode.startswith("hf_fp8"):
         import hf_fp8
 
-        report = hf_fp8.convert_model(model)
+        # hf_fp8: linears only, default (paper) scaling; _nosync: no inf/NaN check, so update_scales
+        # makes no host sync.
+        recipe = hf_fp8.FP8Recipe(on_nonfinite_amax="skip" if mode == "hf_fp8_nosync" else "warn")
+        report = hf_fp8.convert_model(model, recipe)
         print(report)
         return report
     raise ValueError(f"unknown mode {mode!r}")
@@ -63,7 +66,7 @@ def run_mode(args, mode: str) -> dict:
     for layer in model.model.layers:
         layer.compile()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
-    if mode == "hf_fp8":
+    if mode.startswith("hf_fp8"):
         import hf_fp8
 
         hf_fp8.attach(model, opt)
@@ -86,6 +89,8 @@ def run_mode(args, mode: str) -> dict:
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
         loss = out.loss.item()
+    if args.profile:
+        profile_steps(args, mode, model, opt, batches)
     median = statistics.median(times)
     tokens = args.batch_size * args.seq_len
     result = {
@@ -102,6 +107,25 @@ def run_mode(args, mode: str) -> dict:
     return result
 
 
+def profile_steps(args, mode, model, opt, batches) -> None:
+    """Kernel time table of 3 training steps, written to <profile dir>/<shape>_<mode>.txt."""
+    from pathlib import Path
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in range(3):
+            ids = batches[step % len(batches)]
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+    (out / f"{args.shape}_{mode}.txt").write_text(table)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
@@ -112,6 +136,7 @@ def main():
     p.add_argument("--steps", type=int, default=15)
     p.add_argument("--device", default="cuda")
     p.add_argument("--out", default=None, help="write the results as JSON here")
+    p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
     args = p.parse_args()
     results = {}
     for mode in args.modes.split(","):

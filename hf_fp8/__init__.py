@@ -1,19 +1,32 @@
 """hf_fp8: FP8 training of Hugging Face Transformer models with delayed per-tensor scaling."""
 
 from . import _torchao  # noqa: F401  (first: silences torchao's CPU-only import noise)
+from .attention import register_hf_fp8_attention as _register_hf_fp8_attention
 from .convert import FP8Report, convert_model, revert_model
 from .linear import FP8Linear
+from .models.fog import FOGConfig, FOGForCausalLM, FOGModel
+from .models.fog import register as _register_fog
 from .recipe import FP8Recipe
 from .scaling import attach, update_scales
-from .stats import fp8_stats
+from .stability import apply_attention_stability
+from .stats import collect_fp8_stats, fp8_stats
 
 __version__ = "0.1.0"
 
+# As soon as hf_fp8 is imported, transformers knows attn_implementation="hf_fp8" and model_type "fog".
+_register_hf_fp8_attention()
+_register_fog()
+
 __all__ = [
+    "FOGConfig",
+    "FOGForCausalLM",
+    "FOGModel",
     "FP8Linear",
     "FP8Recipe",
     "FP8Report",
+    "apply_attention_stability",
     "attach",
+    "collect_fp8_stats",
     "convert_model",
     "fp8_stats",
     "revert_model",

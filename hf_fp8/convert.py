@@ -216,6 +216,12 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
         report.rows.append(attention_row)
     if recipe.attention:
         _convert_attention(model, recipe, report, attention_row)
+    if getattr(getattr(model, "config", None), "hf_fp8_attention_stability", None):
+        # A model saved after apply_attention_stability("fog-guard") carries the architecture
+        # change in its config; re-apply it so the converted model computes the same function.
+        from .stability import apply_attention_stability
+
+        apply_attention_stability(model)
     total = sum(r.flops_per_token for r in report.rows)
     fp8 = sum(r.flops_per_token for r in report.rows if r.fp8)
     report.fp8_flop_fraction = fp8 / total if total else 0.0

@@ -11,7 +11,9 @@ So scales change exactly once per optimizer step. Scale convention (torchao's): 
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -106,10 +108,18 @@ def update_scales(model: nn.Module) -> None:
       decides whether this also warns (default) or raises.
     - Under torch.distributed all pending amaxes go through one all-reduce (MAX), so every rank
       ends the step with identical histories and scales.
-    Raises RuntimeError if no FP8 forward pass ran since the last update (nothing to update).
+    - Raises RuntimeError if no FP8 forward pass ran since the last update (nothing to update).
+
+    On CUDA the checks cost no host sync after the first call: their results are copied to the
+    host asynchronously and read at the next call, so a "warn" comes one optimizer step late (and
+    the "nothing recorded" error too). "raise" and CPU tensors check at once.
     """
     with torch.no_grad():
         _update_scales(model)
+
+
+# Attribute of the model holding the device-side check of the last update, read at the next one.
+_DEFERRED_CHECK = "_hf_fp8_deferred_check"
 
 
 def _update_scales(model: nn.Module) -> None:
@@ -119,6 +129,9 @@ def _update_scales(model: nn.Module) -> None:
             "update_scales: the model has no FP8 layers (no DelayedScale state found). "
             "Call hf_fp8.convert_model(model) first."
         )
+    # Layers converted with one recipe share history length and algo: order states so each such
+    # group is a contiguous run of the flat vectors below, updated with one batch of kernels.
+    states = sorted(states, key=lambda s: (s[1].amax_history.shape[1], s[1].amax_compute_algo))
     modules = [m for _, m in states]
     # (N,) all roles of all layers, one flat vector -> one collective.
     pending = torch.cat([m.pending_amax for m in modules])
@@ -127,21 +140,16 @@ def _update_scales(model: nn.Module) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(pending, op=dist.ReduceOp.MAX)
     recorded = pending >= 0
-    finite = torch.isfinite(pending)
-    _check_recorded_and_finite(states, recorded, finite)
+    nonfinite = recorded & ~torch.isfinite(pending)
+    _check(model, states, recorded, nonfinite)
 
-    valid = recorded & finite
-    # Layers converted with one recipe share history length and algo; batch each such group.
-    groups: dict[tuple[int, str], list[int]] = {}
-    for k, m in enumerate(modules):
-        groups.setdefault((m.amax_history.shape[1], m.amax_compute_algo), []).append(k)
-    offsets = [0]
-    for m in modules:
-        offsets.append(offsets[-1] + len(m.roles))
-    for (_, algo), members in groups.items():
-        rows = torch.cat([torch.arange(offsets[k], offsets[k + 1]) for k in members]).to(pending.device)
-        group = [modules[k] for k in members]
-        _update_group(group, algo, pending[rows], valid[rows], recorded[rows] & ~finite[rows])
+    valid = recorded & ~nonfinite
+    start = 0
+    for (_, algo), group in itertools.groupby(modules, key=lambda m: (m.amax_history.shape[1], m.amax_compute_algo)):
+        group = list(group)
+        end = start + sum(len(m.roles) for m in group)
+        _update_group(group, algo, pending[start:end], valid[start:end], nonfinite[start:end])
+        start = end
 
 
 def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:
@@ -160,6 +168,7 @@ def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinit
     scale = torch.where(usable, numerator / amax.clamp(min=_MIN_AMAX), scale)
     initialized = initialized | usable
     skips = skips + nonfinite.to(skips.dtype)
+    cleared = torch.full_like(pending, _NOT_RECORDED)
 
     sizes = [len(m.roles) for m in group]
     for new, name in (
@@ -167,42 +176,70 @@ def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinit
         (scale, "scale"),
         (initialized, "initialized"),
         (skips, "nonfinite_skips"),
+        (cleared, "pending_amax"),
     ):
         torch._foreach_copy_([getattr(m, name) for m in group], list(torch.split(new, sizes)))
-    for m in group:
-        m.pending_amax.fill_(_NOT_RECORDED)
 
 
-def _check_recorded_and_finite(states, recorded, finite) -> None:
+@dataclass
+class _Check:
+    """What update_scales needs on the host to report: whether anything was recorded, whether an
+    amax was inf/NaN and where. On CUDA filled by an async copy, ready once `ready` has passed."""
+
+    flags: torch.Tensor  # (2,) bool: any recorded, any non-finite
+    nonfinite: torch.Tensor  # (N,) bool per role, in `names` order
+    names: list[str]
+    policy: str
+    ready: torch.cuda.Event | None = None
+
+
+def _check(model: nn.Module, states, recorded, nonfinite) -> None:
     # Layers converted with different recipes: the strictest policy wins.
     policies = {m.on_nonfinite_amax for _, m in states}
     policy = next(p for p in ("raise", "warn", "skip") if p in policies)
-    nonfinite = recorded & ~finite
-    # One host sync per optimizer step for both checks.
-    any_recorded, any_nonfinite = torch.stack([recorded.any(), nonfinite.any()]).tolist()
+    names = [f"{name}:{role}" for name, m in states for role in m.roles]
+    flags = torch.stack([recorded.any(), nonfinite.any()])
+    previous = getattr(model, _DEFERRED_CHECK, None)
+    if recorded.device.type != "cuda" or policy == "raise" or previous is None:
+        # At once: CPU tensors (no sync to avoid), "raise" (must stop this step), the first call.
+        model.__dict__[_DEFERRED_CHECK] = False  # marks "first call done"
+        _report(_Check(flags.cpu(), nonfinite.cpu(), names, policy))
+        return
+    if previous:
+        previous.ready.synchronize()  # recorded one optimizer step ago: long done, no stall
+        _report(previous, late=True)
+    check = _Check(
+        flags.to("cpu", non_blocking=True),
+        nonfinite.to("cpu", non_blocking=True),
+        names,
+        policy,
+        torch.cuda.Event(),
+    )
+    check.ready.record()
+    model.__dict__[_DEFERRED_CHECK] = check
+
+
+def _report(check: _Check, late: bool = False) -> None:
+    any_recorded, any_nonfinite = check.flags.tolist()
+    when = "the previous " if late else ""
     if not any_recorded:
         raise RuntimeError(
-            "update_scales: no FP8 forward pass was recorded since the last update. Call it after "
-            "forward/backward and the optimizer step (amaxes are recorded only in train() mode)."
+            f"update_scales: {'at the previous call, ' if late else ''}no FP8 forward pass was recorded since "
+            "the last update. Call it once per optimizer step, after forward/backward (amaxes are "
+            "recorded only in train() mode)."
         )
-    if any_nonfinite and policy != "skip":
-        names = []
-        flat = nonfinite.nonzero().flatten().tolist()
-        k = 0
-        for name, m in states:
-            for role in m.roles:
-                if k in flat:
-                    names.append(f"{name}:{role}")
-                k += 1
-        msg = (
-            f"update_scales: non-finite (inf/NaN) amax in {len(names)} FP8 tensor(s): "
-            f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}. Their scale updates were skipped "
-            "(counted in fp8_stats as nonfinite_skips); the activations or gradients of these layers "
-            "hold inf/NaN, usually a diverging run (lower the learning rate) or bad input data."
-        )
-        if policy == "raise":
-            raise FloatingPointError(msg)
-        warnings.warn(msg, RuntimeWarning, stacklevel=4)
+    if not any_nonfinite or check.policy == "skip":
+        return
+    names = [n for n, bad in zip(check.names, check.nonfinite.tolist()) if bad]
+    msg = (
+        f"update_scales: non-finite (inf/NaN) amax in {len(names)} FP8 tensor(s) at {when or 'this '}"
+        f"optimizer step: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}. Their scale updates "
+        "were skipped (counted in fp8_stats as nonfinite_skips); the activations or gradients of these "
+        "layers hold inf/NaN, usually a diverging run (lower the learning rate) or bad input data."
+    )
+    if check.policy == "raise":
+        raise FloatingPointError(msg)
+    warnings.warn(msg, RuntimeWarning, stacklevel=5)
 
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer):

@@ -33,6 +33,7 @@ from transformers.pytorch_utils import Conv1D
 from hf_fp8 import FP8Linear, FP8Recipe, attach, convert_model, revert_model, update_scales
 from hf_fp8.linear import FP8Conv1D
 from hf_fp8.scaling import DelayedScale
+from helpers import final_loss, structured_batches, train_losses
 
 VOCAB = 256
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -485,42 +486,6 @@ def test_module_shared_under_two_names_is_converted_under_both():
 PARITY_STEPS = 50
 
 
-def structured_batches(steps: int, batch: int = 2, seq: int = 32, alphabet: int = 64, noise: float = 0.1, seed: int = 0):
-    """Fixed random-but-learnable data: each sequence follows a fixed random permutation of the
-    first `alphabet` token ids (next = perm[current]); `noise` of the positions are replaced by a
-    uniformly random token. Best achievable loss ~0.7 nats; random init starts at ~ln(256) = 5.55."""
-    gen = torch.Generator().manual_seed(seed)
-    perm = torch.randperm(alphabet, generator=gen)
-    batches = []
-    for _ in range(steps):
-        x = torch.empty(batch, seq, dtype=torch.long)
-        x[:, 0] = torch.randint(0, alphabet, (batch,), generator=gen)
-        for t in range(1, seq):
-            x[:, t] = perm[x[:, t - 1]]
-        flip = torch.rand(batch, seq, generator=gen) < noise
-        x[flip] = torch.randint(0, alphabet, (int(flip.sum()),), generator=gen)
-        batches.append(x)
-    return batches
-
-
-def train_losses(model: nn.Module, batches, fp8: bool) -> list[float]:
-    model.train()
-    if fp8:
-        convert_model(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    if fp8:
-        attach(model, opt)
-    losses = []
-    for x in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 master weights, BF16 autocast
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
-
-
 def test_training_parity_fp8_vs_bf16_tiny_llama():
     config = transformers.LlamaConfig(
         hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -536,11 +501,9 @@ def test_training_parity_fp8_vs_bf16_tiny_llama():
         model.load_state_dict(init)  # identical initial weights
         return model
 
-    bf16 = train_losses(fresh(), batches, fp8=False)
-    fp8 = train_losses(fresh(), batches, fp8=True)
-
-    def end(losses):
-        return sum(losses[-5:]) / 5  # "final loss" = mean of the last 5 steps (single steps are noisy)
+    bf16 = train_losses(fresh(), batches, recipe=None)
+    fp8 = train_losses(fresh(), batches, recipe=FP8Recipe())
+    end = final_loss  # mean of the last 5 steps
 
     print(f"\nloss start/end  bf16 {bf16[0]:.4f} -> {end(bf16):.4f}   fp8 {fp8[0]:.4f} -> {end(fp8):.4f}   ratio {end(fp8) / end(bf16):.4f}")
     # Same init and data: the first loss differs only by the FP8 forward (~1e-3 relative).

@@ -91,6 +91,6 @@ def test_empty_yaml_gives_defaults(tmp_path):
 
 def test_shipped_recipes_load():
     paper = FP8Recipe.from_file(RECIPES / "paper.yaml")
-    assert paper == FP8Recipe()
+    assert paper == FP8Recipe(attention=True)
     finetune = FP8Recipe.from_file(RECIPES / "finetune.yaml")
     assert finetune.amax_history_len == 16 and finetune.margin == 1

@@ -274,3 +274,27 @@ def test_distributed_update_is_one_all_reduce_max(tmp_path):
     assert torch.equal(results[0]["history"], results[1]["history"])
     global_max = max(results[r]["local_input_amax"] for r in range(world_size))
     assert results[0]["history"][0, INPUT].item() == pytest.approx(global_max)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous check exists on CUDA only (run on the GPU machine)")
+def test_cuda_nonfinite_check_is_reported_one_step_late_without_sync():
+    torch.manual_seed(0)
+    layer = hf_fp8.FP8Linear(32, 16, device="cuda")
+    layer(torch.randn(16, 32, device="cuda"))
+    hf_fp8.update_scales(layer)  # first call: checked at once
+    bad = torch.randn(16, 32, device="cuda")
+    bad[0, 0] = float("nan")
+    layer(bad)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        hf_fp8.update_scales(layer)  # the NaN step: no warning yet (no host sync)
+    assert layer.fp8_scale.nonfinite_skips[INPUT].item() == 1  # but already skipped and counted
+    layer(torch.randn(16, 32, device="cuda"))
+    with pytest.warns(RuntimeWarning, match=r"previous optimizer step: <root>:input"):
+        hf_fp8.update_scales(layer)
+    raising = hf_fp8.FP8Linear(32, 16, device="cuda", recipe=hf_fp8.FP8Recipe(on_nonfinite_amax="raise"))
+    raising(torch.randn(16, 32, device="cuda"))
+    hf_fp8.update_scales(raising)
+    raising(bad)
+    with pytest.raises(FloatingPointError, match="<root>:input"):
+        hf_fp8.update_scales(raising)  # "raise" checks at once, also on CUDA

@@ -7,7 +7,7 @@ from torch import nn
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale
 from .reference import ATTENTION_ROLES, fp8_attention_reference
-from .register import ATTN_IMPLEMENTATION, STATE_ATTR, hf_fp8_attention_forward, register
+from .register import ATTN_IMPLEMENTATION, STATE_ATTR, hf_fp8_attention_forward, register_hf_fp8_attention
 
 __all__ = [
     "ATTENTION_ROLES",
@@ -16,7 +16,7 @@ __all__ = [
     "convert_attention",
     "fp8_attention_reference",
     "hf_fp8_attention_forward",
-    "register",
+    "register_hf_fp8_attention",
     "revert_attention",
 ]
 
@@ -43,8 +43,9 @@ def why_attention_stays_high_precision(model: nn.Module) -> str | None:
         return f"{type(model).__name__} does not route attention through transformers' AttentionInterface"
     if getattr(config, "attn_logit_softcapping", None) is not None:
         return "attention logit soft-capping (attn_logit_softcapping) is not supported by hf_fp8 attention"
-    if getattr(config, "attention_dropout", 0.0):
-        return f"attention_dropout={config.attention_dropout}: hf_fp8 attention supports dropout 0 only"
+    for field in ("attention_dropout", "attn_pdrop", "attention_probs_dropout_prob"):
+        if getattr(config, field, 0.0):
+            return f"{field}={getattr(config, field)}: hf_fp8 attention supports attention dropout 0 only"
     if any(hasattr(m, "sinks") for _, m in attention_modules(model)):
         return "attention sinks are not supported by hf_fp8 attention"
     if not attention_modules(model):
@@ -55,7 +56,7 @@ def why_attention_stays_high_precision(model: nn.Module) -> str | None:
 def convert_attention(model: nn.Module, recipe: FP8Recipe) -> list[str]:
     """Give every attention module its FP8 scales and switch the model to `hf_fp8` attention.
     Call only when `why_attention_stays_high_precision(model)` is None. Returns module names."""
-    register()
+    register_hf_fp8_attention()
     fwd, bwd = recipe.forward_dtype, recipe.backward_dtype
     names = []
     for name, module in attention_modules(model):
@@ -81,4 +82,7 @@ def revert_attention(model: nn.Module) -> list[str]:
     if previous is not None:
         model.set_attn_implementation(previous)
         delattr(model, _PREVIOUS_IMPLEMENTATION)
+    elif getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTN_IMPLEMENTATION:
+        # Built with attn_implementation="hf_fp8" from the start: SDPA is transformers' default.
+        model.set_attn_implementation("sdpa")
     return names

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .reference import fp8_attention_reference
@@ -18,6 +18,9 @@ from .reference import fp8_attention_reference
 ATTN_IMPLEMENTATION = "hf_fp8"
 # The attribute convert_model gives each converted attention module: its DelayedScale.
 STATE_ATTR = "fp8_attention_scale"
+# Set to a reason string on an attention module to run it in high precision (SDPA) while the rest
+# of the model keeps FP8 attention, e.g. by apply_attention_stability(model, "preserve").
+FALLBACK_ATTR = "fp8_attention_fallback"
 
 
 def _additive_mask(attention_mask, is_causal: bool, q_len: int, kv_len: int, device) -> torch.Tensor | None:
@@ -46,6 +49,8 @@ def hf_fp8_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     """transformers attention function: query (B, Hq, Q, D), key/value (B, Hkv, K, D) ->
     (output (B, Q, Hq, D), None). QK^T and P.V run in FP8 with the module's delayed scales."""
+    if getattr(module, FALLBACK_ATTR, None):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs)
     name = type(module).__name__
     if dropout:
         raise ValueError(f"{name}: hf_fp8 attention supports attention dropout 0 only, got {dropout} (set attention_dropout=0)")
@@ -70,6 +75,6 @@ def hf_fp8_attention_forward(
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> None:
+def register_hf_fp8_attention() -> None:
     AttentionInterface.register(ATTN_IMPLEMENTATION, hf_fp8_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
