@@ -99,7 +99,22 @@ class _FP8Matmul(matmul_with_hp_or_float8_args):
     @staticmethod
     def backward(ctx, grad_output):
         with _cpu_fp8_gemm_context(grad_output):
-            return matmul_with_hp_or_float8_args.backward(ctx, grad_output)
+            if ctx.needs_input_grad[1]:
+                return matmul_with_hp_or_float8_args.backward(ctx, grad_output)
+            # Frozen weight (LoRA base layers, frozen towers): only the grad-input GEMM runs; the
+            # grad-weight GEMM, whose result autograd would discard, is skipped.
+            return _grad_input_only(ctx, grad_output), None, None, None
+
+
+def _grad_input_only(ctx, grad_output):
+    """grad_input = grad_output @ W in FP8, as torchao's backward computes it (both operands
+    already cast: fp8_matmul casts the weight in forward and grad-output in _CastGradOutputDelayed)."""
+    if not ctx.needs_input_grad[0]:
+        return None
+    _, weight_t = ctx.saved_tensors
+    shape = grad_output.shape
+    grad_input = torch.mm(grad_output.reshape(-1, shape[-1]), weight_t.t())
+    return grad_input.reshape(*shape[:-1], grad_input.shape[-1])
 
 
 def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool) -> torch.Tensor:

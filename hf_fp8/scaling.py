@@ -63,6 +63,18 @@ class DelayedScale(nn.Module):
     def index(self, role: str) -> int:
         return self.roles.index(role)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; amax histories and
+        # scales must stay float32 (a bf16 scale has 8 bits of mantissa, a bf16 history rounds
+        # amaxes). Follow device moves, undo dtype casts.
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, new in self._buffers.items():
+            old = before[name]
+            if new is not None and old is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     def extra_repr(self) -> str:
         names = ", ".join(f"{r}:{str(d).removeprefix('torch.float8_')}" for r, d in zip(self.roles, self.dtypes))
         return f"roles=({names}), history={self.amax_history.shape[1]}, algo={self.amax_compute_algo}, margin={self.margin}"

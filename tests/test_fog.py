@@ -299,6 +299,7 @@ REMOTE_SCRIPT = textwrap.dedent(
     import sys
     sys.modules["hf_fp8"] = None
     import torch
+    torch.set_num_threads(1)  # as in the test process: same GEMM blocking, bit-identical logits
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModelForCausalLM
     out = {}

@@ -19,6 +19,15 @@ def test_quickstart_runs_as_written():
     assert (q_proj.fp8_scale.amax_history[:, :10] > 0).all()
 
 
+def test_fog_snippet_runs_as_written(monkeypatch):
+    blocks = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+    fog = next(b for b in blocks if "FOGConfig" in b)
+    monkeypatch.chdir(ROOT)  # the snippet reads recipes/models/ relative to the repository
+    namespace: dict = {}
+    exec(compile(fog, "README.md FOG snippet", "exec"), namespace)
+    assert namespace["model"].config._attn_implementation == "hf_fp8"
+
+
 def test_ci_runs_the_readme_test_command():
     commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
     test_command = next(c for c in commands if "pytest" in c)

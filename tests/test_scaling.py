@@ -225,6 +225,22 @@ def test_state_dict_round_trip_restores_scales_and_histories_exactly():
     assert torch.equal(layer(x), fresh(x))
 
 
+def test_model_dtype_casts_keep_the_scaling_state_float32():
+    """Regression: model.to(torch.bfloat16) after conversion used to turn scales and amax
+    histories into bf16 (8-bit mantissa)."""
+    layer = make_layer()
+    step(layer, 3.0)
+    scale = layer.fp8_scale.scale.clone()
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    for name in ("amax_history", "scale", "pending_amax", "scale_numerator"):
+        assert getattr(layer.fp8_scale, name).dtype == torch.float32, name
+    assert torch.equal(layer.fp8_scale.scale, scale)
+    layer.half()
+    assert layer.fp8_scale.scale.dtype == torch.float32
+    step(layer, 3.0)  # still trains
+
+
 def test_one_update_handles_all_layers_of_a_model():
     model = nn.Sequential(hf_fp8.FP8Linear(32, 64), nn.ReLU(), hf_fp8.FP8Linear(64, 16))
     model(torch.randn(16, 32)).sum().backward()

@@ -97,7 +97,7 @@ class _FP8Attention(torch.autograd.Function):
         do = _dequant(do8, sdo)
         grad_v = (p8.float() / P_SCALE).transpose(-1, -2) @ do
         grad_p = do @ v.transpose(-1, -2)
-        delta = (do * out).sum(dim=-1, keepdim=True)  # rowsum(dO * O), with the dO the GEMMs see
+        delta = (p * grad_p).sum(dim=-1, keepdim=True)  # = rowsum(dO * O) in exact arithmetic
         grad_scores = p * (grad_p - delta)
         ds8, sds = _cast(grad_scores, state, _DS, True)
         ds = _dequant(ds8, sds)
