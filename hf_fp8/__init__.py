@@ -3,6 +3,7 @@
 from . import _torchao  # noqa: F401  (first: silences torchao's CPU-only import noise)
 from .attention import register_hf_fp8_attention as _register_hf_fp8_attention
 from .convert import FP8Report, convert_model, revert_model
+from .integrations.trainer import FP8TrainerCallback
 from .linear import FP8Linear
 from .models.fog import FOGConfig, FOGForCausalLM, FOGModel
 from .models.fog import register as _register_fog
@@ -24,6 +25,7 @@ __all__ = [
     "FP8Linear",
     "FP8Recipe",
     "FP8Report",
+    "FP8TrainerCallback",
     "apply_attention_stability",
     "attach",
     "collect_fp8_stats",
