@@ -3,6 +3,7 @@
 from . import _torchao  # noqa: F401  (first: silences torchao's CPU-only import noise)
 from .attention import register_hf_fp8_attention as _register_hf_fp8_attention
 from .convert import FP8Report, convert_model, revert_model
+from .hub import load_fp8_state, model_card
 from .integrations.trainer import FP8TrainerCallback
 from .linear import FP8Linear
 from .models.fog import FOGConfig, FOGForCausalLM, FOGModel
@@ -18,6 +19,12 @@ __version__ = "0.1.0"
 _register_hf_fp8_attention()
 _register_fog()
 
+# With Accelerate installed, `import hf_fp8` makes hf_fp8 Accelerate's FP8 backend for
+# mixed_precision="fp8" (HF_FP8_ACCELERATE=0 opts out); see hf_fp8/integrations/accelerate.py.
+from .integrations.accelerate import _auto_enable as _enable_accelerate_integration  # noqa: E402
+
+_enable_accelerate_integration()
+
 __all__ = [
     "FOGConfig",
     "FOGForCausalLM",
@@ -31,6 +38,8 @@ __all__ = [
     "collect_fp8_stats",
     "convert_model",
     "fp8_stats",
+    "load_fp8_state",
+    "model_card",
     "revert_model",
     "update_scales",
 ]

@@ -7,6 +7,8 @@
                    own sources, read from this machine (see hf_fp8/_data.py).
   hf-fp8 inspect   Show which layers of a model (given by its config.json) would run in FP8 and
                    why the others would not, without loading weights or training.
+  hf-fp8 push      Upload a directory written by a converted model's save_pretrained (weights,
+                   config, fp8_state.safetensors, fp8_recipe.json) with its model card to the Hub.
 """
 
 from __future__ import annotations
@@ -153,6 +155,24 @@ def build_parser() -> argparse.ArgumentParser:
                          help="sequence length at which attention FLOPs are counted in the report "
                               "(default: the config's max_position_embeddings, at most 4096)")
     inspect.set_defaults(handler=run_inspect)
+
+    push = commands.add_parser(
+        "push",
+        help="upload a saved FP8-trained model directory (weights, FP8 state, model card) to the Hub",
+        description=(
+            "Upload MODEL_DIR (written by save_pretrained of a model converted with hf_fp8: weights, "
+            "config.json, fp8_state.safetensors, fp8_recipe.json) to the Hub model repo REPO_ID in one commit, "
+            "creating the repo if needed. Its README.md is the model card; without one, a card is generated "
+            "from config.json and fp8_recipe.json (uploaded, not written into MODEL_DIR). The token is "
+            "huggingface_hub's (HF_TOKEN or `hf auth login`)."
+        ),
+    )
+    push.add_argument("model_dir", type=Path, metavar="MODEL_DIR", help="a directory written by save_pretrained")
+    push.add_argument("repo_id", metavar="REPO_ID", help="the Hub model repo, e.g. user/llama-fp8")
+    push.add_argument("--private", action="store_true", help="create the repo private (an existing repo keeps its visibility)")
+    push.add_argument("--message", metavar="TEXT", help="commit message (default: 'Upload FP8-trained model (hf_fp8)')")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; contact nothing")
+    push.set_defaults(handler=run_push)
     return parser
 
 
@@ -247,6 +267,78 @@ def run_inspect(args: argparse.Namespace) -> None:
         f"from {args.model}, built on the meta device (no weights loaded)"
     )
     print(report)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-fp8 push
+# ---------------------------------------------------------------------------------------------
+
+
+def generated_card(model_dir: Path) -> str:
+    """A model card for a saved directory without README.md: the model is built from config.json on
+    the meta device (no weights loaded) and converted with the recipe of fp8_recipe.json."""
+    from hf_fp8 import hub
+
+    config = load_model_config(model_dir)
+    recipe_file = model_dir / hub.FP8_RECIPE_NAME
+    try:
+        recipe = hub.read_fp8_recipe(recipe_file) if recipe_file.is_file() else FP8Recipe()
+    except (OSError, TypeError, ValueError) as error:
+        raise UsageError(f"{recipe_file}: {error}") from None
+    with torch.device("meta"):
+        try:
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except ValueError:
+            try:
+                model = AutoModel.from_config(config, dtype=torch.float32)
+            except ValueError as error:
+                raise UsageError(f"cannot build a model from {model_dir}: {first_line(error)}") from None
+    report = convert(model, recipe, None)
+    return str(hub.model_card(model, report))
+
+
+def run_push(args: argparse.Namespace) -> None:
+    from hf_fp8 import hub
+
+    model_dir: Path = args.model_dir
+    if not model_dir.is_dir():
+        raise UsageError(f"{model_dir} is not a directory (give the directory save_pretrained wrote)")
+    if not (model_dir / "config.json").is_file():
+        raise UsageError(f"{model_dir} has no config.json: not a save_pretrained directory")
+    if not any((model_dir / name).is_file() for name in ("model.safetensors", "model.safetensors.index.json")):
+        raise UsageError(f"{model_dir} has no model.safetensors (or model.safetensors.index.json); hf-fp8 push uploads safetensors checkpoints only")
+    if not args.repo_id.strip("/") or args.repo_id.count("/") > 1:
+        raise UsageError(f"REPO_ID must be 'name' or 'namespace/name', got {args.repo_id!r}")
+    notes = []
+    if not (model_dir / hub.FP8_STATE_NAME).is_file():
+        notes.append(f"note: no {hub.FP8_STATE_NAME} in {model_dir}: the FP8 training state is not uploaded (FP8 training cannot resume exactly from this repo)")
+    extra = {}
+    if (model_dir / hub.CARD_NAME).is_file():
+        card_text = (model_dir / hub.CARD_NAME).read_text()
+        card_source = f"{hub.CARD_NAME} of {model_dir}"
+    else:
+        card_text = generated_card(model_dir)
+        extra[hub.CARD_NAME] = card_text.encode()
+        card_source = "generated from config.json and fp8_recipe.json"
+    for note in notes:
+        print(note, file=sys.stderr)
+    files = hub.upload_folder(model_dir, args.repo_id, dry_run=True, extra=extra)
+    print(f"{'would upload' if args.dry_run else 'uploading'} {len(files)} files to {args.repo_id} "
+          f"({'private' if args.private else 'default visibility'}); model card: {card_source}")
+    for name in files:
+        print(f"  {name}")
+    if args.dry_run:
+        print()
+        print(card_text)
+        return
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        commit = hub.upload_folder(model_dir, args.repo_id, private=args.private or None,
+                                   commit_message=args.message, extra=extra)
+    except (HfHubHTTPError, OSError) as error:
+        raise UsageError(f"upload to {args.repo_id} failed: {first_line(error)}") from None
+    print(f"uploaded: {getattr(commit, 'commit_url', commit)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -225,6 +225,11 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
     total = sum(r.flops_per_token for r in report.rows)
     fp8 = sum(r.flops_per_token for r in report.rows if r.fp8)
     report.fp8_flop_fraction = fp8 / total if total else 0.0
+    # save_pretrained keeps the FP8 buffers out of model.safetensors and writes them beside it
+    # (fp8_state.safetensors, fp8_recipe.json); see hf_fp8/hub.py.
+    from .hub import install_save_hooks
+
+    install_save_hooks(model, report)
     return report
 
 

@@ -181,3 +181,61 @@ def test_corpus_split_is_deterministic():
     first, second = _data.load_corpus(max_bytes=200_000), _data.load_corpus(max_bytes=200_000)
     assert torch.equal(first.train, second.train) and torch.equal(first.heldout, second.heldout)
     assert len(first.heldout) > 0 and len(first.train) > len(first.heldout)
+
+
+# ---------------------------------------------------------------------------------------------
+# hf-fp8 push (offline: HfApi.create_repo / create_commit are recorded, not sent)
+# ---------------------------------------------------------------------------------------------
+
+
+def _saved_fp8_model(directory: Path) -> Path:
+    import hf_fp8
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    hf_fp8.convert_model(model, hf_fp8.FP8Recipe(amax_history_len=8))
+    model.save_pretrained(directory)
+    return directory
+
+
+def test_push_dry_run_lists_files_and_generated_card(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    saved = _saved_fp8_model(tmp_path / "model")
+    assert main(["push", str(saved), "user/tiny-fp8", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for name in ("README.md", "config.json", "model.safetensors", "fp8_state.safetensors", "fp8_recipe.json"):
+        assert f"  {name}\n" in out
+    assert "model card: generated" in out and "amax history length | 8" in out and "- hf_fp8" in out
+    assert not (saved / "README.md").exists()  # the generated card is uploaded, not written into the dir
+
+
+def test_push_uploads_one_commit(tmp_path, capsys, monkeypatch):
+    from huggingface_hub import HfApi, RepoUrl
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    calls = []
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: calls.append(("repo", repo_id, kw)) or RepoUrl(f"https://huggingface.co/{repo_id}"))
+
+    def create_commit(self, repo_id, operations, **kw):
+        calls.append(("commit", repo_id, {op.path_in_repo: op.path_or_fileobj for op in operations}))
+        return "https://huggingface.co/user/tiny-fp8/commit/0"
+
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    saved = _saved_fp8_model(tmp_path / "model")
+    (saved / "README.md").write_text("---\ntags:\n- fp8\n---\n# my card\n")
+    assert main(["push", str(saved), "user/tiny-fp8", "--private"]) == 0
+    (repo, commit) = calls
+    assert repo[1] == "user/tiny-fp8" and repo[2]["private"] is True
+    assert set(commit[2]) == {"README.md", "config.json", "generation_config.json", "model.safetensors",
+                              "fp8_state.safetensors", "fp8_recipe.json"}
+    assert "README.md of" in capsys.readouterr().out
+
+
+def test_push_refuses_a_directory_without_weights(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_CONFIG))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["push", str(tmp_path), "user/x", "--dry-run"])
+    assert exit_info.value.code == 2
+    assert "no model.safetensors" in capsys.readouterr().err

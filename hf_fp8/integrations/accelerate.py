@@ -17,8 +17,9 @@ plugin mechanism for a fourth, so this module patches three members of `accelera
   (DDP, ...), `hf_fp8.convert_model(model, recipe)` converts it in place (linears, and attention
   when the recipe says so) and the coverage report is printed (main process), so a run that is not
   in FP8 cannot go unnoticed; the FP8 scaling buffers are excluded from DDP's buffer broadcast
-  (`update_scales` keeps them identical across ranks with its own all-reduce, and a broadcast at
-  every forward would overwrite the amaxes other ranks recorded in earlier micro-batches). After
+  (`update_scales` keeps them identical across ranks with its own all-reduce; DDP would otherwise
+  re-send every amax history from rank 0 before each synchronised forward, and a forward run
+  outside `no_sync` mid-accumulation would overwrite the amaxes this rank recorded so far). After
   Accelerate has wrapped the optimizer, `hf_fp8.attach(model, optimizer.optimizer)` registers the
   scale update as a step post-hook of the *underlying* torch optimizer. `AcceleratedOptimizer.step`
   calls the underlying `step` only when `accelerator.sync_gradients` is True, so with
@@ -304,9 +305,9 @@ def _convert(accelerator, model: nn.Module) -> None:
 
 
 def _ignore_scaling_buffers_in_ddp(model: nn.Module) -> None:
-    """Keep DDP from broadcasting the FP8 scaling buffers from rank 0 at every forward: they are
-    kept identical by update_scales' all-reduce, and a broadcast between micro-batches would drop
-    the amaxes this rank recorded so far."""
+    """Keep DDP from broadcasting the FP8 scaling buffers from rank 0 before synchronised forwards:
+    update_scales' all-reduce keeps them identical, the broadcast would re-send every amax history,
+    and one between micro-batches (a forward outside `no_sync`) would drop this rank's amaxes."""
     names = [
         f"{prefix}.{buffer}" if prefix else buffer
         for prefix, module in model.named_modules()

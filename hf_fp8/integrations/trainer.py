@@ -7,7 +7,8 @@ Events used (transformers' Trainer):
                     apply the attention stability mode. Conversion keeps every Parameter object, so
                     an optimizer created earlier (the `optimizers=` argument) trains the same weights.
                     A callback added later with `trainer.add_callback` converts in on_train_begin.
-  on_train_begin    print the coverage report (main process).
+  on_train_begin    print the coverage report (main process); on `resume_from_checkpoint`, load the
+                    checkpoint's fp8_state.safetensors (scales, amax histories) into the model.
   on_step_begin     on a stats step: start `collect_fp8_stats` (hooks for this step only).
   on_pre_optimizer_step  stop the stats step (after the backward of every micro-batch).
   on_optimizer_step `update_scales(model)`, then the anomaly check of a stats step.
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import collections
 import inspect
+import os
 import statistics
 import warnings
 
@@ -56,6 +58,7 @@ from transformers import TrainerCallback
 
 from ..attention.register import FALLBACK_ATTR, STATE_ATTR
 from ..convert import FP8Report, _set_submodule, convert_model
+from ..hub import FP8_STATE_NAME, load_fp8_state
 from ..linear import FP8Conv1D, FP8Linear
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale, delayed_scale_states, update_scales
@@ -141,6 +144,7 @@ class FP8TrainerCallback(TrainerCallback):
         self._kurtosis_history: dict[str, collections.deque] = {}
         self._last_skips = 0.0
         self._printed = False
+        self.resumed_fp8_state_from: str | None = None  # checkpoint whose FP8 state on_train_begin loaded
 
     # -- setup ------------------------------------------------------------------------------------
 
@@ -184,11 +188,56 @@ class FP8TrainerCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if model is not None:
             self.convert(model)
+        self._load_resumed_fp8_state(args, state)
         if self.verbose and not self._printed and state.is_world_process_zero and self.report is not None:
             print(self.report)
             if self.stability_report is not None:
                 print(self.stability_report)
             self._printed = True
+
+    def _resume_checkpoint(self, args, state) -> str | None:
+        """The checkpoint `trainer.train(resume_from_checkpoint=...)` resumes from, or None.
+        The Trainer does not pass it to callbacks: it is the `resume_from_checkpoint` local of the
+        training-loop frame that fired on_train_begin (already resolved from True to a path, and the
+        weights, optimizer and TrainerState already loaded from it). Without that frame: on a resumed
+        run (state.global_step > 0), args.resume_from_checkpoint or output_dir/checkpoint-<step>."""
+        frame = inspect.currentframe()
+        try:
+            for _ in range(_TRAINER_FRAME_DEPTH):
+                frame = frame.f_back if frame is not None else None
+                if frame is None:
+                    break
+                handler = getattr(frame.f_locals.get("self"), "callback_handler", None)
+                if "resume_from_checkpoint" in frame.f_locals and any(c is self for c in getattr(handler, "callbacks", ())):
+                    path = frame.f_locals["resume_from_checkpoint"]
+                    return str(path) if isinstance(path, (str, os.PathLike)) else None
+        finally:
+            del frame
+        if not state.global_step:
+            return None
+        for path in (args.resume_from_checkpoint, os.path.join(args.output_dir or "", f"checkpoint-{state.global_step}")):
+            if isinstance(path, str) and os.path.isdir(path):
+                return path
+        return None
+
+    def _load_resumed_fp8_state(self, args, state) -> None:
+        """On resume_from_checkpoint, load the checkpoint's fp8_state.safetensors (written there by
+        save_pretrained) into the converted model, so scales and amax histories continue exactly."""
+        if self._model is None or not delayed_scale_states(self._model):
+            return
+        path = self._resume_checkpoint(args, state)
+        if path is None:
+            return
+        if not os.path.isfile(os.path.join(path, FP8_STATE_NAME)):
+            warnings.warn(
+                f"hf_fp8: resuming from {path}, which has no {FP8_STATE_NAME}: the FP8 scales and amax histories "
+                "restart from scratch (the checkpoint was not written by a converted model's save_pretrained)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            return
+        load_fp8_state(self._model, path)
+        self.resumed_fp8_state_from = path
 
     # -- per step ---------------------------------------------------------------------------------
 

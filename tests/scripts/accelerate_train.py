@@ -13,6 +13,7 @@ The recipe comes from $HF_FP8_RECIPE (the test sets it), or hf_fp8's default.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 from pathlib import Path
@@ -78,8 +79,9 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     args = parser.parse_args()
 
-    import hf_fp8
+    import hf_fp8  # noqa: F401
     from hf_fp8.integrations import accelerate as hf_fp8_accelerate
+    from hf_fp8.scaling import delayed_scale_states
 
     hf_fp8_accelerate.enable()  # a no-op if `import hf_fp8` enabled it already; recipe: $HF_FP8_RECIPE
     from accelerate import Accelerator
@@ -123,6 +125,12 @@ def main() -> None:
         "optimizer_params_are_model_params": {id(p) for g in optimizer.optimizer.param_groups for p in g["params"]}
         == {id(p) for p in raw.parameters()},
         "real_steps": len(real_steps),
+        # DDP must not broadcast the FP8 scaling buffers (update_scales keeps them in sync).
+        "ddp_broadcasts_fp8_buffers": any(
+            b is s.amax_history or b is s.pending_amax
+            for b in getattr(model, "modules_buffers", [])
+            for _, s in delayed_scale_states(raw)
+        ),
         "losses": losses,
         "weight_checksum": {n: float(w.detach().double().sum()) for n, w in weights.items()},
         "weight_change": {
@@ -132,6 +140,12 @@ def main() -> None:
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     Path(args.out, f"rank{rank}.json").write_text(json.dumps(result))
+    # Release the DDP wrapper (and its gloo reducer) before the process group goes: destroying
+    # the group first left a rank hanging at exit now and then (torch 2.13 CPU, gloo).
+    accelerator.wait_for_everyone()
+    accelerator.free_memory()
+    del model, optimizer
+    gc.collect()
     accelerator.end_training()
     if rank == 0:
         print(f"trained {len(losses)} micro-batches on {world} process(es): losses {losses}", flush=True)
