@@ -94,6 +94,10 @@ def _gemm_shape(module: nn.Module) -> tuple[int, int] | None:
 
 
 def _why_not_fp8(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
+    if any(part.startswith("lora_") for part in name.split(".")):
+        # PEFT adapters are the only weights that train in a LoRA run and are tiny: FP8 would
+        # cost their precision and save nothing.
+        return "PEFT LoRA adapter (kept in high precision; see hf_fp8.integrations.peft)"
     pattern = _matches(name, recipe.skip)
     if pattern is not None:
         return f"skip pattern {pattern!r} (recipe.skip)"

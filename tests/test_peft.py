@@ -143,3 +143,21 @@ def test_trainer_callback_on_a_peft_model(tmp_path):
     assert not any("lora_" in n for n in cb.report.converted) and len(cb.report.converted) == 2 * len(TARGETS)
     trainer.train()
     assert cb.scale_updates == 4
+
+
+def test_plain_convert_model_never_converts_lora_adapters():
+    """convert_model on a PEFT model without convert_peft_model still keeps adapters (rank 16,
+    dims multiples of 16: otherwise eligible) in high precision, with the reason in the report."""
+    import peft
+    import transformers
+
+    import hf_fp8
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(config), peft.LoraConfig(r=16, target_modules=["q_proj", "v_proj"]))
+    report = hf_fp8.convert_model(model)
+    adapters = [n for n in report.skipped if ".lora_" in n]
+    assert len(adapters) == 4 and all("PEFT LoRA adapter" in report.skipped[n] for n in adapters)
+    assert any(n.endswith("q_proj.base_layer") for n in report.converted)
+    assert type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]) is torch.nn.Linear
