@@ -127,14 +127,14 @@ def update_scales(model: nn.Module) -> None:
     the "nothing recorded" error too). "raise" and CPU tensors check at once.
     """
     with torch.no_grad():
-        _update_scales(model)
+        _update_scales(model, require_recorded=True)
 
 
 # Attribute of the model holding the device-side check of the last update, read at the next one.
 _DEFERRED_CHECK = "_hf_fp8_deferred_check"
 
 
-def _update_scales(model: nn.Module) -> None:
+def _update_scales(model: nn.Module, require_recorded: bool) -> None:
     states = delayed_scale_states(model)
     if not states:
         raise ValueError(
@@ -153,7 +153,7 @@ def _update_scales(model: nn.Module) -> None:
         dist.all_reduce(pending, op=dist.ReduceOp.MAX)
     recorded = pending >= 0
     nonfinite = recorded & ~torch.isfinite(pending)
-    _check(model, states, recorded, nonfinite)
+    _check(model, states, recorded, nonfinite, require_recorded)
 
     valid = recorded & ~nonfinite
     start = 0
@@ -202,10 +202,11 @@ class _Check:
     nonfinite: torch.Tensor  # (N,) bool per role, in `names` order
     names: list[str]
     policy: str
+    require_recorded: bool
     ready: torch.cuda.Event | None = None
 
 
-def _check(model: nn.Module, states, recorded, nonfinite) -> None:
+def _check(model: nn.Module, states, recorded, nonfinite, require_recorded: bool) -> None:
     # Layers converted with different recipes: the strictest policy wins.
     policies = {m.on_nonfinite_amax for _, m in states}
     policy = next(p for p in ("raise", "warn", "skip") if p in policies)
@@ -215,7 +216,7 @@ def _check(model: nn.Module, states, recorded, nonfinite) -> None:
     if recorded.device.type != "cuda" or policy == "raise" or previous is None:
         # At once: CPU tensors (no sync to avoid), "raise" (must stop this step), the first call.
         model.__dict__[_DEFERRED_CHECK] = False  # marks "first call done"
-        _report(_Check(flags.cpu(), nonfinite.cpu(), names, policy))
+        _report(_Check(flags.cpu(), nonfinite.cpu(), names, policy, require_recorded))
         return
     if previous:
         previous.ready.synchronize()  # recorded one optimizer step ago: long done, no stall
@@ -225,6 +226,7 @@ def _check(model: nn.Module, states, recorded, nonfinite) -> None:
         nonfinite.to("cpu", non_blocking=True),
         names,
         policy,
+        require_recorded,
         torch.cuda.Event(),
     )
     check.ready.record()
@@ -234,7 +236,7 @@ def _check(model: nn.Module, states, recorded, nonfinite) -> None:
 def _report(check: _Check, late: bool = False) -> None:
     any_recorded, any_nonfinite = check.flags.tolist()
     when = "the previous " if late else ""
-    if not any_recorded:
+    if not any_recorded and check.require_recorded:
         raise RuntimeError(
             f"update_scales: {'at the previous call, ' if late else ''}no FP8 forward pass was recorded since "
             "the last update. Call it once per optimizer step, after forward/backward (amaxes are "
@@ -256,7 +258,9 @@ def _report(check: _Check, late: bool = False) -> None:
 
 def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
     """Update `model`'s FP8 scales after every `optimizer.step()` (an optimizer step post-hook).
-    With gradient accumulation this is exactly once per real optimizer step. Returns the hook
+    With gradient accumulation this is exactly once per real optimizer step. A step with no FP8
+    forward pass since the last update (optimizer-state initialisation before a checkpoint load)
+    leaves the scales as they are. Returns the hook
     handle (`handle.remove()` detaches). Attaching the same model to the same optimizer twice is
     refused, since it would roll the histories twice per step."""
     if not delayed_scale_states(model):
@@ -271,7 +275,11 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
         )
 
     def _hook(opt, args, kwargs):
-        update_scales(model)
+        # An optimizer step with no FP8 pass before it is not a training step: e.g. the zero-gradient
+        # step torch.distributed.checkpoint / Accelerate run to create optimizer state before loading
+        # it. That update is a no-op (no history rolls); update_scales(model) called directly raises.
+        with torch.no_grad():
+            _update_scales(model, require_recorded=False)
 
     handles[id(model)] = handle = optimizer.register_step_post_hook(_hook)
     return handle

@@ -314,3 +314,17 @@ def test_cuda_nonfinite_check_is_reported_one_step_late_without_sync():
     raising(bad)
     with pytest.raises(FloatingPointError, match="<root>:input"):
         hf_fp8.update_scales(raising)  # "raise" checks at once, also on CUDA
+
+
+def test_attached_step_without_forward_is_a_no_op_but_direct_update_raises():
+    """An optimizer step with nothing recorded (optimizer-state init before a checkpoint load) must
+    not raise through attach, and must not roll any history."""
+    layer = make_layer()
+    step(layer, 2.0)
+    history = layer.fp8_scale.amax_history.clone()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.1)
+    hf_fp8.attach(layer, opt)
+    opt.step()  # no forward since the last update
+    assert torch.equal(layer.fp8_scale.amax_history, history)
+    with pytest.raises(RuntimeError, match="no FP8 forward pass was recorded"):
+        hf_fp8.update_scales(layer)

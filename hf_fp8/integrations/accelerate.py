@@ -60,7 +60,8 @@ from torch import nn
 
 from ..convert import FP8Report, convert_model
 from ..recipe import FP8Recipe
-from ..scaling import DelayedScale, attach
+from ..distributed import ddp_ignore_fp8_buffers
+from ..scaling import attach
 
 ENV_RECIPE = "HF_FP8_RECIPE"
 ENV_AUTO = "HF_FP8_ACCELERATE"
@@ -293,7 +294,9 @@ def _convert(accelerator, model: nn.Module) -> None:
     # Idempotent: layers the user converted already are kept (and reported as FP8). Raises if no
     # layer can run in FP8, so there is no silent BF16 run.
     report = convert_model(raw, recipe)
-    _ignore_scaling_buffers_in_ddp(raw)
+    # update_scales keeps the FP8 buffers identical across ranks; DDP's broadcast would re-send them
+    # and, between micro-batches outside no_sync, drop this rank's amaxes.
+    ddp_ignore_fp8_buffers(raw)
     models.append((raw, report, recipe))
     raw.hf_fp8_report = report
     if accelerator.is_local_main_process:
@@ -302,21 +305,6 @@ def _convert(accelerator, model: nn.Module) -> None:
             f"(Accelerate's own FP8 backends bypassed; non-FP8 ops under bf16 autocast)\n{report}",
             flush=True,
         )
-
-
-def _ignore_scaling_buffers_in_ddp(model: nn.Module) -> None:
-    """Keep DDP from broadcasting the FP8 scaling buffers from rank 0 before synchronised forwards:
-    update_scales' all-reduce keeps them identical, the broadcast would re-send every amax history,
-    and one between micro-batches (a forward outside `no_sync`) would drop this rank's amaxes."""
-    names = [
-        f"{prefix}.{buffer}" if prefix else buffer
-        for prefix, module in model.named_modules()
-        if isinstance(module, DelayedScale)
-        for buffer, _ in module.named_buffers(recurse=False)
-    ]
-    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
-    merged = existing + [n for n in names if n not in existing]
-    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, merged)
 
 
 def _is_attached(model: nn.Module, optimizer) -> bool:

@@ -1,0 +1,41 @@
+"""Helpers for hf_fp8 under torch.distributed (DDP, FSDP2).
+
+The FP8 delayed-scaling state (every `DelayedScale` buffer: amax histories, scales, pending amaxes)
+is replicated on every rank and kept identical by `update_scales`, whose one all-reduce (MAX) of all
+pending amaxes runs once per optimizer step. No other synchronisation of these buffers is needed,
+and one is harmful: DDP's default `broadcast_buffers=True` copies every buffer from rank 0 before a
+forward that follows a gradient-synchronising forward; with gradient accumulation *without*
+`no_sync()` this overwrites the amaxes the other ranks recorded in the earlier micro-batches of the
+step (they never reach the all-reduce). `ddp_ignore_fp8_buffers(model)` excludes them.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .scaling import DelayedScale
+
+
+def fp8_buffer_names(model: nn.Module) -> list[str]:
+    """Fully qualified names of every DelayedScale buffer of `model` (persistent or not)."""
+    return [
+        f"{prefix}.{buffer}" if prefix else buffer
+        for prefix, module in model.named_modules()
+        if isinstance(module, DelayedScale)
+        for buffer, _ in module.named_buffers(recurse=False)
+    ]
+
+
+def ddp_ignore_fp8_buffers(model: nn.Module) -> nn.Module:
+    """Exclude `model`'s FP8 scaling buffers from DDP's buffer broadcast (and bucketing). Call on the
+    converted model *before* wrapping it in `DistributedDataParallel`; keeps names already in
+    `model._ddp_params_and_buffers_to_ignore`. Returns `model`. Equivalent, and simpler when the
+    model has no other buffers that need syncing: `DistributedDataParallel(model, broadcast_buffers=False)`."""
+    names = fp8_buffer_names(model)
+    if not names:
+        raise ValueError("ddp_ignore_fp8_buffers: the model has no FP8 layers; call hf_fp8.convert_model(model) first")
+    existing = list(getattr(model, "_ddp_params_and_buffers_to_ignore", []))
+    merged = existing + [n for n in names if n not in existing]
+    torch.nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, merged)
+    return model
