@@ -308,6 +308,8 @@ def load_fp8_state(model: nn.Module, path: str | os.PathLike) -> list[str]:
     with torch.no_grad():
         for key, buf in expected.items():
             buf.copy_(loaded[key])
+        for module in owners.values():
+            module.forget_host_flags()
         for name, module in owners.items():
             margin = ((meta or {}).get("modules") or {}).get(name, {}).get("margin")
             if margin is not None and margin != module.margin:

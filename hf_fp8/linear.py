@@ -19,6 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from ._torchao import (
     Float8LinearConfig,
+    Float8TrainingTensor,
     GemmInputRole,
     LinearMMConfig,
     ScaledMMConfig,
@@ -121,13 +122,21 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     """x (..., K) @ weight_t (K, N) -> (..., N) in x's dtype, all three GEMMs in FP8.
 
     `weight_t` is nn.Linear's weight transposed (a view) or GPT-2 Conv1D's weight as stored.
-    `record`: max-reduce this call's input/weight/grad-output amaxes into `state` (training)."""
+    `record`: max-reduce this call's input/weight/grad-output amaxes into `state` (training).
+    A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
+    used as is: not re-cast, and its amax is not recorded here."""
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     mm_config = _MM_CONFIG if tokens % FP8_DIM_MULTIPLE == 0 else _MM_CONFIG_PAD_TOKENS
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
         x_fp8 = _cast_delayed(x, state, _INPUT, mm_config, GemmInputRole.INPUT, record)
-        w_fp8 = _cast_delayed(weight_t, state, _WEIGHT, mm_config, GemmInputRole.WEIGHT, record)
+        if isinstance(weight_t, Float8TrainingTensor):
+            # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
+            # all-gather. It carries _MM_CONFIG, whose output/grad_input configs (the two GEMMs the
+            # weight enters) equal _MM_CONFIG_PAD_TOKENS'.
+            w_fp8 = weight_t
+        else:
+            w_fp8 = _cast_delayed(weight_t, state, _WEIGHT, mm_config, GemmInputRole.WEIGHT, record)
         out = _FP8Matmul.apply(x_fp8, w_fp8, mm_config, _TORCHAO_CONFIG)
         if torch.is_grad_enabled() and out.requires_grad:
             out = _CastGradOutputDelayed.apply(out, state, mm_config)

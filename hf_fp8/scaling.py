@@ -50,6 +50,7 @@ class DelayedScale(nn.Module):
         self.amax_compute_algo = recipe.amax_compute_algo
         self.margin = recipe.margin
         self.on_nonfinite_amax = recipe.on_nonfinite_amax
+        self._initialized_on_host: set[int] = set()
         r, length = len(roles), recipe.amax_history_len
         self.register_buffer("amax_history", torch.zeros(r, length, device=device))
         self.register_buffer("scale", torch.ones(r, device=device))
@@ -62,6 +63,25 @@ class DelayedScale(nn.Module):
 
     def index(self, role: str) -> int:
         return self.roles.index(role)
+
+    def initialized_on_host(self, i: int) -> bool:
+        """Whether role i has a delayed scale, for host-side decisions (FSDP2 FP8 all-gather). Read
+        from the device until it is True, then remembered: a role never becomes uninitialized
+        again except by loading a state, which forgets (see `forget_host_flags`). So on CUDA the
+        device->host read happens only during the first step(s), not every step."""
+        if i in self._initialized_on_host:
+            return True
+        if bool(self.initialized[i]):
+            self._initialized_on_host.add(i)
+            return True
+        return False
+
+    def forget_host_flags(self) -> None:
+        self._initialized_on_host = set()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.forget_host_flags()
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; amax histories and

@@ -328,3 +328,13 @@ def test_attached_step_without_forward_is_a_no_op_but_direct_update_raises():
     assert torch.equal(layer.fp8_scale.amax_history, history)
     with pytest.raises(RuntimeError, match="no FP8 forward pass was recorded"):
         hf_fp8.update_scales(layer)
+
+
+def test_host_initialized_flag_is_remembered_and_forgotten_on_load():
+    layer = make_layer()
+    fresh_state = {k: v.clone() for k, v in layer.state_dict().items()}
+    assert not layer.fp8_scale.initialized_on_host(WEIGHT)
+    step(layer, 1.0)
+    assert layer.fp8_scale.initialized_on_host(WEIGHT)
+    layer.load_state_dict(fresh_state)  # back to an uninitialized state
+    assert not layer.fp8_scale.initialized_on_host(WEIGHT)
