@@ -247,20 +247,24 @@ def count_parameters(model: torch.nn.Module) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
+def model_on_meta_device(config: PreTrainedConfig, source) -> torch.nn.Module:
+    """The model of `config` with no memory behind its weights (the meta device), so a 70B config
+    builds in a second; fp32 master weights, as `train` uses. Not a causal LM (an encoder or
+    encoder-decoder): its base model."""
+    with torch.device("meta"):
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        except ValueError:
+            try:
+                return AutoModel.from_config(config, dtype=torch.float32)
+            except ValueError as error:
+                raise UsageError(f"cannot build a model from {source}: {first_line(error)}") from None
+
+
 def run_inspect(args: argparse.Namespace) -> None:
     config = load_model_config(args.model)
     recipe = load_recipe(args.recipe)
-    # The meta device allocates no memory, so a 70B config inspects in a second. fp32 master
-    # weights, as `train` uses (convert_model accepts fp32/bf16/fp16 alike).
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except ValueError:
-            # Not a causal LM (e.g. an encoder or encoder-decoder): inspect its base model.
-            try:
-                model = AutoModel.from_config(config, dtype=torch.float32)
-            except ValueError as error:
-                raise UsageError(f"cannot build a model from {args.model}: {first_line(error)}") from None
+    model = model_on_meta_device(config, args.model)
     report = convert(model, recipe, args.context)
     print(
         f"{type(model).__name__} ({config.model_type}, {count_parameters(model) / 1e6:,.1f}M parameters) "
@@ -285,14 +289,7 @@ def generated_card(model_dir: Path) -> str:
         recipe = hub.read_fp8_recipe(recipe_file) if recipe_file.is_file() else FP8Recipe()
     except (OSError, TypeError, ValueError) as error:
         raise UsageError(f"{recipe_file}: {error}") from None
-    with torch.device("meta"):
-        try:
-            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        except ValueError:
-            try:
-                model = AutoModel.from_config(config, dtype=torch.float32)
-            except ValueError as error:
-                raise UsageError(f"cannot build a model from {model_dir}: {first_line(error)}") from None
+    model = model_on_meta_device(config, model_dir)
     report = convert(model, recipe, None)
     return str(hub.model_card(model, report))
 
