@@ -1,0 +1,78 @@
+"""Smoke test of benchmarks/quality.py: tiny CPU runs (llama bf16/fp8, fog-max fp8) and --plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPT = ROOT / "benchmarks" / "quality.py"
+RUNS = [("llama", "bf16"), ("llama", "fp8"), ("fog-max", "fp8")]
+
+
+def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    proc = subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("quality")
+    for model, mode in RUNS:
+        _run(["--tiny", "--steps", "6", "--eval-every", "3", "--stats-every", "3", "--model", model,
+              "--mode", mode, "--tag", "smoke", "--device", "cpu", "--out-dir", str(out)])
+    return out
+
+
+@pytest.mark.parametrize("model,mode", RUNS)
+def test_result_json(results, model, mode):
+    r = json.loads((results / f"{model}_{mode}_smoke.json").read_text())
+    assert r["config"]["model"] == model and r["config"]["mode"] == mode
+    assert r["completed_steps"] == 6 and r["diverged_at"] is None
+    assert [row["step"] for row in r["log"]] == list(range(6))
+    assert all(math.isfinite(row["loss"]) and math.isfinite(row["grad_norm"]) for row in r["log"])
+    assert [e["step"] for e in r["eval"]] == [3, 6]
+    assert math.isfinite(r["final_eval_loss"]) and r["final_eval_loss"] == r["eval"][-1]["loss"]
+    # ln(1024) ~ 6.93: a fresh tiny model starts near the uniform loss
+    assert 5.0 < r["log"][0]["loss"] < 8.0
+    assert r["wall_s"] > 0 and r["versions"]["torch"]
+    assert r["data"]["heldout_blocks_used"] > 0 and r["data"]["tokenizer_vocab"] == 1024
+    assert [s["step"] for s in r["stats"]] == [0, 3, 5]
+    for s in r["stats"]:
+        for key in ("fp8/kurtosis/qkv_mean", "fp8/kurtosis/qkv_max", "fp8/kurtosis/mlp_down_input_mean",
+                    "fp8/kurtosis/block_output_mean", "fp8/kurtosis/block_output_max"):
+            assert s[key] is not None and math.isfinite(s[key]) and s[key] > 0, key
+        if mode == "fp8":
+            assert 0.0 <= s["fp8/overflow_max"] <= 1.0 and 0.0 <= s["fp8/underflow_max"] <= 1.0
+        else:
+            assert "fp8/overflow_max" not in s
+    if mode == "fp8":
+        assert r["fp8_report"] and r["fp8_flop_fraction"] > 0
+    else:
+        assert r["fp8_report"] is None
+
+
+def test_same_data_and_init_across_modes(results):
+    bf16 = json.loads((results / "llama_bf16_smoke.json").read_text())
+    fp8 = json.loads((results / "llama_fp8_smoke.json").read_text())
+    assert bf16["data"]["tokenizer_sha256"] == fp8["data"]["tokenizer_sha256"]
+    assert bf16["data"]["train_blocks"] == fp8["data"]["train_blocks"]
+    # same initial weights and first batch: FP8 only perturbs the first loss slightly
+    assert abs(bf16["log"][0]["loss"] - fp8["log"][0]["loss"]) < 0.05
+
+
+def test_plot(results, tmp_path):
+    plots = tmp_path / "plots"
+    _run(["--plot", "--out-dir", str(results), "--plot-dir", str(plots)])
+    for name in ("loss", "eval_loss", "kurtosis_qkv", "overflow"):
+        png = plots / f"{name}.png"
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
