@@ -17,17 +17,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .scaling import DelayedScale
+from .scaling import scale_buffers
 
 
 def fp8_buffer_names(model: nn.Module) -> list[str]:
     """Fully qualified names of every DelayedScale buffer of `model` (persistent or not)."""
-    return [
-        f"{prefix}.{buffer}" if prefix else buffer
-        for prefix, module in model.named_modules()
-        if isinstance(module, DelayedScale)
-        for buffer, _ in module.named_buffers(recurse=False)
-    ]
+    return [name for name, _ in scale_buffers(model)]
 
 
 def ddp_ignore_fp8_buffers(model: nn.Module) -> nn.Module:

@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .recipe import FP8Recipe
-from .scaling import DelayedScale, delayed_scale_states
+from .scaling import DelayedScale, delayed_scale_states, scale_buffers
 
 __all__ = [
     "FP8_RECIPE_NAME",
@@ -84,28 +84,15 @@ _WRAPPED = "_hf_fp8_save_wrapped"
 # ---------------------------------------------------------------------------------------------
 
 
-def _persistent_buffers(state: DelayedScale) -> list[str]:
-    return [n for n in state._buffers if n not in state._non_persistent_buffers_set and state._buffers[n] is not None]
-
-
 def fp8_state_keys(model: nn.Module, *, remove_duplicate: bool = True) -> list[str]:
     """state_dict keys of every persistent DelayedScale buffer of `model`, in module order.
     `remove_duplicate=False`: also every alias of a module registered under several names (as
     `model.state_dict()` lists them)."""
-    keys = []
-    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
-        if isinstance(module, DelayedScale):
-            keys += [f"{name}.{b}" if name else b for b in _persistent_buffers(module)]
-    return keys
+    return [key for key, _ in scale_buffers(model, persistent_only=True, remove_duplicate=remove_duplicate)]
 
 
 def _fp8_state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DelayedScale):
-            for b in _persistent_buffers(module):
-                out[f"{name}.{b}" if name else b] = module._buffers[b].detach().to("cpu").contiguous().clone()
-    return out
+    return {key: t.detach().to("cpu").contiguous().clone() for key, t in scale_buffers(model, persistent_only=True)}
 
 
 def _refresh_ignore_list(model: nn.Module) -> None:
@@ -265,13 +252,8 @@ def load_fp8_state(model: nn.Module, path: str | os.PathLike) -> list[str]:
     if meta_path is not None:
         meta = json.loads(meta_path.read_text())
         _check_version(meta, meta_path)
-    expected: dict[str, torch.Tensor] = {}
-    owners: dict[str, DelayedScale] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, DelayedScale):
-            owners[name] = module
-            for b in _persistent_buffers(module):
-                expected[f"{name}.{b}" if name else b] = module._buffers[b]
+    expected = dict(scale_buffers(model, persistent_only=True))
+    owners = {name: module for name, module in model.named_modules() if isinstance(module, DelayedScale)}
     hint = (
         "Convert the same architecture (same config) with the recipe saved beside it "
         "(hf_fp8.convert_model(model, hf_fp8.hub.read_fp8_recipe(dir))), apply the same attention stability mode, "
@@ -313,10 +295,7 @@ def load_fp8_state(model: nn.Module, path: str | os.PathLike) -> list[str]:
         for name, module in owners.items():
             margin = ((meta or {}).get("modules") or {}).get(name, {}).get("margin")
             if margin is not None and margin != module.margin:
-                module.margin = int(margin)
-                module.scale_numerator.copy_(
-                    torch.tensor([torch.finfo(dt).max / 2.0**margin for dt in module.dtypes], device=module.scale_numerator.device)
-                )
+                module.set_margin(margin)
     return list(expected)
 
 

@@ -57,12 +57,19 @@ class DelayedScale(nn.Module):
         self.register_buffer("pending_amax", torch.full((r,), _NOT_RECORDED, device=device))
         self.register_buffer("initialized", torch.zeros(r, dtype=torch.bool, device=device))
         self.register_buffer("nonfinite_skips", torch.zeros(r, dtype=torch.int64, device=device))
-        # fp8_max / 2**margin per role; derived from the recipe, so not saved.
-        numerator = [torch.finfo(dt).max / 2.0**recipe.margin for dt in dtypes]
-        self.register_buffer("scale_numerator", torch.tensor(numerator, device=device), persistent=False)
+        # fp8_max / 2**margin per role; derived from the margin, so not saved.
+        self.register_buffer("scale_numerator", torch.empty(r, device=device), persistent=False)
+        self.set_margin(recipe.margin)
 
     def index(self, role: str) -> int:
         return self.roles.index(role)
+
+    def set_margin(self, margin: int) -> None:
+        """Later updates compute scale = fp8_max / amax / 2**margin (the current scale is unchanged)."""
+        self.margin = int(margin)
+        with torch.no_grad():
+            for i, dt in enumerate(self.dtypes):
+                self.scale_numerator[i] = torch.finfo(dt).max / 2.0**self.margin
 
     def initialized_on_host(self, i: int) -> bool:
         """Whether role i has a delayed scale, for host-side decisions (FSDP2 FP8 all-gather). Read
@@ -117,6 +124,19 @@ def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
     torch.maximum propagates NaN, so one non-finite micro-batch marks the whole step non-finite."""
     pending = state.pending_amax[i]
     pending.copy_(torch.maximum(pending, amax_now))
+
+
+def scale_buffers(model: nn.Module, *, persistent_only: bool = False, remove_duplicate: bool = True):
+    """Yield (state_dict-style name, tensor) of every DelayedScale buffer of `model`: what checkpoints
+    save (`persistent_only`), DDP must not broadcast, and save_pretrained leaves out.
+    `remove_duplicate=False` also yields every alias of a module registered under several names."""
+    for name, module in model.named_modules(remove_duplicate=remove_duplicate):
+        if not isinstance(module, DelayedScale):
+            continue
+        for buffer, tensor in module._buffers.items():
+            if tensor is None or (persistent_only and buffer in module._non_persistent_buffers_set):
+                continue
+            yield (f"{name}.{buffer}" if name else buffer), tensor
 
 
 def delayed_scale_states(model: nn.Module) -> list[tuple[str, DelayedScale]]:

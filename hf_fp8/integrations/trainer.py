@@ -386,8 +386,7 @@ def raise_margin(model: nn.Module, by: int = 1) -> None:
     """Margin + `by` for every FP8 tensor of `model`: each scale is divided by 2**by at once, and every
     later update computes scale = fp8_max / amax / 2**margin with the new margin."""
     for _, state in delayed_scale_states(model):
-        state.margin += by
-        state.scale_numerator.div_(2.0**by)
+        state.set_margin(state.margin + by)
         state.scale.div_(2.0**by)
 
 
