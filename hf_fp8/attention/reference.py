@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import torch
 
+from .._torchao import to_fp8_saturated
 from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
 
 ATTENTION_ROLES = ("query", "key", "value", "grad_output", "grad_scores")
@@ -35,9 +36,8 @@ P_SCALE = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
 def _to_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Saturating cast: values beyond the format's range clip to +-max instead of becoming inf/NaN.
-    fp8_max = torch.finfo(dtype).max
-    return (x.float() * scale).clamp(-fp8_max, fp8_max).to(dtype)
+    # Saturating cast (torchao's, as FP8Linear's casts): beyond the format's range clips to +-max.
+    return to_fp8_saturated(x.float() * scale, dtype)
 
 
 def _cast(x: torch.Tensor, state: DelayedScale, i: int, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
