@@ -46,6 +46,7 @@ class FP8Report:
     context: int | None = None
     recipe: FP8Recipe | None = None
     attention_modules: list[str] = field(default_factory=list)
+    attention_kernel: str = ""  # which FP8 attention kernel runs (cuDNN fused or the reference), and why
     rows: list[_Row] = field(default_factory=list, repr=False)
 
     def __str__(self) -> str:
@@ -61,6 +62,8 @@ class FP8Report:
                 f"recipe: format={r.fp8_format} history={r.amax_history_len} algo={r.amax_compute_algo} "
                 f"margin={r.margin} attention={r.attention}"
             )
+        if self.attention_kernel:
+            lines.append(f"FP8 attention kernel: {self.attention_kernel}")
         groups: dict[tuple, list[_Row]] = {}
         for row in self.rows:
             key = (re.sub(r"\.\d+\.", ".*.", row.name), row.kind, row.fp8, row.reason)
@@ -113,6 +116,7 @@ def _convert_attention(model: nn.Module, recipe: FP8Recipe, report: FP8Report, r
     reason = attention.why_attention_stays_high_precision(model)
     if reason is None:
         report.attention_modules = attention.convert_attention(model, recipe)
+        report.attention_kernel = attention.attention_kernel(model)
         if row is not None:
             row.fp8, row.reason = True, ""
     else:

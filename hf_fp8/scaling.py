@@ -51,6 +51,10 @@ class DelayedScale(nn.Module):
         self.margin = recipe.margin
         self.on_nonfinite_amax = recipe.on_nonfinite_amax
         self._initialized_on_host: set[int] = set()
+        # Whether this process has run update_scales on this state: a host-side fact (no device
+        # read) telling the first step, before any delayed scale exists, from the steady state.
+        # A bool, not a count: torch.compile specializes on it, so it may change only once.
+        self.updated_on_host = False
         r, length = len(roles), recipe.amax_history_len
         self.register_buffer("amax_history", torch.zeros(r, length, device=device))
         self.register_buffer("scale", torch.ones(r, device=device))
@@ -114,7 +118,16 @@ def amax_of(x: torch.Tensor) -> torch.Tensor:
 
 def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Tensor:
     """The scale role `i` casts with: the delayed scale, or before the first update the dynamic
-    scale of the tensor at hand (`amax_now`). Branch-free, so torch.compile sees no data dependence."""
+    scale of the tensor at hand (`amax_now`).
+
+    Once this process has run `update_scales` on the state (`updated_on_host`, a host-side fact),
+    it is `state.scale[i]` alone: the cast then does not depend on the tensor's own amax, so it can
+    run in the same pass as the amax (torch.compile fuses them) instead of waiting for a reduction
+    over the whole tensor, which is what makes delayed scaling faster than dynamic scaling. A role
+    still uninitialized then (every amax so far was zero) casts with its current scale (1 at first)
+    until an update sees a non-zero amax. Before any update: branch-free `where`, no host sync."""
+    if state.updated_on_host:
+        return state.scale[i]
     dynamic = state.scale_numerator[i] / amax_now.clamp(min=_MIN_AMAX)
     return torch.where(state.initialized[i], state.scale[i], dynamic)
 
@@ -202,6 +215,8 @@ def _update_scales(model: nn.Module, require_recorded: bool) -> None:
         end = start + sum(len(m.roles) for m in group)
         _update_group(group, algo, pending[start:end], valid[start:end], nonfinite[start:end])
         start = end
+    for m in modules:
+        m.updated_on_host = True
 
 
 def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:

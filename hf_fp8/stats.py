@@ -37,7 +37,8 @@ concatenated per token, which equals the output of a fused QKV GEMM; the GEMM ou
 a QK norm, as in the paper, also for the hook-based norm of `apply_attention_stability("fog-guard")`),
 (2) the input of the MLP down-projection, (3) the output of each decoder block.
 
-Not observed: attention's `grad_scores` role (dS exists only inside the FP8 attention backward), and
+Not observed: attention's output, grad_scores, grad_query/key/value roles (the fused kernel produces
+them already in FP8; their amaxes and scales are in `fp8_stats`), and
 attention modules running their BF16 fallback (`fp8_attention_fallback`: nothing is cast to FP8).
 The `scale`/`amax` fields are read when the stats step ends, so if the optimizer step (and the
 scale update) runs inside the block they show the updated state, while the fractions describe the
@@ -78,7 +79,7 @@ def fp8_stats(model: nn.Module) -> dict[str, dict[str, dict[str, float]]]:
     """layer name -> role -> {scale, amax (history reduced with the recipe's algo), last_amax,
     initialized, nonfinite_skips}. Layer names are the FP8 modules' names in `model` ("<root>" for
     the model itself). Linears have roles input/weight/grad_output, FP8 attention modules
-    query/key/value/grad_output/grad_scores. Overflow/underflow and kurtosis need the tensors of a
+    the nine of `hf_fp8.attention.ATTENTION_ROLES`. Overflow/underflow and kurtosis need the tensors of a
     step: use `collect_fp8_stats`."""
     out: dict[str, dict[str, dict[str, float]]] = {}
     for name, state in delayed_scale_states(model):

@@ -34,9 +34,14 @@ def train_losses(model: nn.Module, batches, recipe: hf_fp8.FP8Recipe | None, lr:
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     if recipe is not None:
         hf_fp8.attach(model, opt)
+    return run_steps(model, opt, batches)
+
+
+def run_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, device_type: str = "cpu") -> list[float]:
+    """One optimizer step per batch (next-token loss under BF16 autocast); the losses."""
     losses = []
     for x in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(device_type, dtype=torch.bfloat16):
             loss = model(input_ids=x, labels=x, use_cache=False).loss
         loss.backward()
         opt.step()

@@ -1,12 +1,12 @@
-"""FP8 attention (the pure-PyTorch reference) against BF16 SDPA, and as transformers' "hf_fp8"
-attention in real models.
+"""FP8 attention (the pure-PyTorch reference, and on an sm_90 GPU the cuDNN kernel) against BF16
+SDPA, and as transformers' "hf_fp8" attention in real models.
 
-Tolerances: output and dQ/dK/dV SQNR >= 20 dB against BF16 SDPA. What bounds it: dQ and dK are
-GEMMs of dS, which the hybrid format casts to E5M2 (2 mantissa bits, up to 12.5% relative rounding
-error per element), and so is dO, whose error reaches dS through dP = dO V^T; observed 20.9-21.1
-dB for dQ/dK at head dim 128 (about 0.5 dB less, and noisier, at head dim 64), 23.7 for dV, 26.5
-for the output. With `fp8_format: e4m3` (3 mantissa bits) dQ/dK reach ~24 dB, held to 22.5 dB.
-"""
+Tolerances against BF16 SDPA (hybrid format, head dim 128): output >= 24.5 dB, dQ/dK/dV >= 19.5 dB.
+What bounds them: dQ and dK are GEMMs of dS, which the hybrid format casts to E5M2 (2 mantissa bits,
+up to 12.5% relative rounding error per element), and so is dO, whose error reaches dS through
+dP = dO V^T; then O and dQ/dK/dV are stored in E4M3, as cuDNN's FP8 kernel does. Observed on CPU:
+output 25.2-25.5 dB, dQ/dK 20.2-20.6, dV 22.9-23.1. With `fp8_format: e4m3` (3 mantissa bits)
+dQ/dK reach ~23 dB, held to 22 dB."""
 
 from __future__ import annotations
 
@@ -17,8 +17,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_fp8
-from hf_fp8.attention import ATTENTION_ROLES, hf_fp8_attention_forward
-from hf_fp8.scaling import DelayedScale
+from hf_fp8.attention import hf_fp8_attention_forward, new_attention_scales
 from helpers import final_loss, structured_batches, train_losses
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -37,8 +36,7 @@ class _Attention(nn.Module):
         super().__init__()
         self.is_causal = True
         self.num_key_value_groups = heads // kv_heads
-        fwd, bwd = recipe.forward_dtype, recipe.backward_dtype
-        self.fp8_attention_scale = DelayedScale(ATTENTION_ROLES, (fwd, fwd, fwd, bwd, bwd), recipe, device=device)
+        self.fp8_attention_scale = new_attention_scales(recipe, device=device)
 
 
 def bool_mask(batch, q, k, *, causal=True, window=None, pad_left=None, pad_right=None, device="cpu"):
@@ -109,17 +107,17 @@ def run_case(case: dict, fmt: str, device: str, steps: int = 2):
 @pytest.mark.parametrize("name", list(CASES))
 def test_fp8_attention_matches_bf16_sdpa(name, device):
     for out_db, dq_db, dk_db, dv_db in run_case(CASES[name], "hybrid", device):
-        assert min(out_db, dq_db, dk_db, dv_db) >= 20.0, (out_db, dq_db, dk_db, dv_db)
-        assert out_db >= 25.0  # the forward has no E5M2 operand
+        assert min(out_db, dq_db, dk_db, dv_db) >= 19.5, (out_db, dq_db, dk_db, dv_db)
+        assert out_db >= 24.5  # the forward has no E5M2 operand
 
 
 @pytest.mark.parametrize("name", ["causal_gqa", "left_padding"])
 def test_e4m3_everywhere_is_more_accurate_in_backward(name):
     for out_db, dq_db, dk_db, dv_db in run_case(CASES[name], "e4m3", "cpu"):
-        assert min(out_db, dq_db, dk_db, dv_db) >= 22.5
+        assert min(out_db, dq_db, dk_db, dv_db) >= 22.0
 
 
-def test_scales_are_recorded_for_all_five_roles():
+def test_scales_are_recorded_for_all_nine_roles():
     module = _Attention(4, 4, hf_fp8.FP8Recipe(attention=True), "cpu")
     q, k, v = (torch.randn(1, 4, 32, 16, requires_grad=True) for _ in range(3))
     out, _ = hf_fp8_attention_forward(module, q, k, v, None)
@@ -241,3 +239,39 @@ def test_sliding_window_reaches_the_fp8_attention_as_a_mask(monkeypatch):
     q, k = torch.arange(32)[:, None], torch.arange(32)[None, :]
     expected_allowed = (k <= q) & (q - k < 8)
     assert torch.equal(mask == 0, expected_allowed)
+
+
+def test_first_step_bounds_hold():
+    """The bounds the fused kernel scales its outputs with where no amax was ever seen must bound
+    the exact values: |dS| (the gradient of Q K^T), |dQ|, |dK|, |dV|, with GQA and a causal mask."""
+    from hf_fp8.attention.reference import first_step_bounds
+    from hf_fp8.scaling import amax_of
+
+    torch.manual_seed(0)
+    b, hq, hkv, s, d = 2, 8, 2, 64, 128
+    scale = d**-0.5
+    q, k, v = (torch.randn(b, h, s, d, dtype=torch.float64) * m for h, m in ((hq, 3.0), (hkv, 0.5), (hkv, 2.0)))
+    do = torch.randn(b, hq, s, d, dtype=torch.float64) * 1e-3
+    kr, vr = (t.repeat_interleave(hq // hkv, dim=1) for t in (k, v))
+    scores = (q @ kr.transpose(-1, -2) * scale).masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    p = scores.softmax(-1)
+    dp = do @ vr.transpose(-1, -2)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True)) * scale
+    dq, dk, dv = ds @ kr, ds.transpose(-1, -2) @ q, p.transpose(-1, -2) @ do
+    dk, dv = (t.view(b, hkv, hq // hkv, s, d).sum(2) for t in (dk, dv))
+    bounds = first_step_bounds(*(amax_of(t) for t in (q, k, v, do)), d, s, hq // hkv, scale)
+    for name, exact, bound in zip(("dS", "dQ", "dK", "dV"), (ds, dq, dk, dv), bounds):
+        assert amax_of(exact) <= bound, (name, amax_of(exact).item(), bound.item())
+
+
+def test_kernel_choice_on_cpu_is_the_reference_and_reported(monkeypatch):
+    from hf_fp8.attention import cudnn_sdpa
+
+    q = torch.randn(1, 4, 16, 128)
+    assert cudnn_sdpa.kernel_for(q, q, None, True) == ("reference", "cpu tensors")
+    model = tiny("llama")
+    report = hf_fp8.convert_model(model, hf_fp8.FP8Recipe(attention=True))
+    assert "FP8 attention kernel: pure-PyTorch reference" in str(report)
+    monkeypatch.setenv(cudnn_sdpa.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="HF_FP8_ATTENTION_KERNEL='fastest'"):
+        cudnn_sdpa._check(0)

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hf_fp8
 from hf_fp8.integrations.peft import convert_peft_model, merge_and_revert, peft_recipe
 
-from helpers import final_loss, structured_batches
+from helpers import final_loss, run_steps, structured_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -46,15 +46,7 @@ def train(model, batches, lr=3e-3):
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     if any(isinstance(m, hf_fp8.FP8Linear) for m in model.modules()):
         hf_fp8.attach(model, opt)
-    losses = []
-    for x in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(input_ids=x, labels=x, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-    return losses
+    return run_steps(model, opt, batches)
 
 
 def test_frozen_fp8_linear_skips_grad_weight_gemm():

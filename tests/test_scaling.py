@@ -2,7 +2,6 @@
 micro-batch max-reduction with one update per optimizer step, first-step init, non-finite amaxes,
 state_dict round trip, and the one-collective all-reduce under torch.distributed (gloo)."""
 
-import os
 import warnings
 
 import pytest
@@ -147,6 +146,26 @@ def test_delayed_scale_is_used_after_first_update():
     clipped = x.clamp(-1.0, 1.0) @ layer.weight.detach().t() + layer.bias.detach()
     sqnr = 20 * torch.log10(clipped.norm() / (clipped - out.detach()).norm())
     assert sqnr.item() >= 20.0
+
+
+def test_after_the_first_update_casts_do_not_depend_on_their_own_amax():
+    """Once update_scales ran (a host-side fact), cast_scale is the stored scale alone, so under
+    torch.compile the cast need not wait for the reduction over its own tensor; before, the first
+    step is dynamic. A role still uninitialized then (here: no backward ran yet) casts with its
+    current scale, 1, until an update sees an amax."""
+    from hf_fp8.scaling import cast_scale
+
+    layer = make_layer()
+    state = layer.fp8_scale
+    amax = torch.tensor(10.0)
+    assert state.updated_on_host is False
+    assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 10.0)
+    step(layer, 2.0)
+    assert state.updated_on_host is True
+    assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 2.0)  # not / 10
+    assert not state.initialized[GRAD] and cast_scale(state, GRAD, amax).item() == 1.0
+    step(layer, 2.0, grad_amax=0.5)
+    assert cast_scale(state, GRAD, amax).item() == pytest.approx(E5M2_MAX / 0.5)
 
 
 def test_nonfinite_amax_is_skipped_counted_and_warned():

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale
-from .reference import ATTENTION_ROLES, fp8_attention_reference
+from . import cudnn_sdpa
+from .reference import ATTENTION_ROLES, attention_dtypes, fp8_attention_reference, new_attention_scales
 from .register import ATTN_IMPLEMENTATION, STATE_ATTR, hf_fp8_attention_forward, register_hf_fp8_attention
 
 __all__ = [
     "ATTENTION_ROLES",
     "ATTN_IMPLEMENTATION",
+    "attention_dtypes",
+    "attention_kernel",
     "attention_modules",
     "convert_attention",
     "fp8_attention_reference",
     "hf_fp8_attention_forward",
+    "new_attention_scales",
     "register_hf_fp8_attention",
     "revert_attention",
 ]
@@ -57,18 +62,29 @@ def convert_attention(model: nn.Module, recipe: FP8Recipe) -> list[str]:
     """Give every attention module its FP8 scales and switch the model to `hf_fp8` attention.
     Call only when `why_attention_stays_high_precision(model)` is None. Returns module names."""
     register_hf_fp8_attention()
-    fwd, bwd = recipe.forward_dtype, recipe.backward_dtype
     names = []
     for name, module in attention_modules(model):
         if not isinstance(getattr(module, STATE_ATTR, None), DelayedScale):
             device = next(module.parameters()).device
-            setattr(module, STATE_ATTR, DelayedScale(ATTENTION_ROLES, (fwd, fwd, fwd, bwd, bwd), recipe, device=device))
+            setattr(module, STATE_ATTR, new_attention_scales(recipe, device=device))
         names.append(name)
     current = model.config._attn_implementation
     if current != ATTN_IMPLEMENTATION:
         setattr(model, _PREVIOUS_IMPLEMENTATION, current)
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
     return names
+
+
+def attention_kernel(model: nn.Module) -> str:
+    """Which FP8 attention kernel `model` runs where its parameters are now (and, for a model still on
+    the CPU, on this machine's current GPU): one line for reports. Also checks the cuDNN kernel's
+    availability once, outside any torch.compile region."""
+    device = next(model.parameters()).device
+    here = cudnn_sdpa.description(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+        return f"{here}; on {gpu}: {cudnn_sdpa.description(gpu)}"
+    return here
 
 
 def revert_attention(model: nn.Module) -> list[str]:

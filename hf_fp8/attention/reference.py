@@ -1,21 +1,34 @@
 """FP8 attention in pure PyTorch: the numerical specification every fused kernel must match.
 
-Forward (per batch and head; Q (q, d), K and V (k, d)):
+It follows cuDNN's FP8 SDPA on Hopper (the fused kernel hf_fp8 runs there, see `cudnn_sdpa.py`),
+whose inputs *and outputs* are FP8: besides the GEMM operands, the output O and the gradients
+dQ/dK/dV are stored in FP8 with their own delayed scales and handed to the model dequantized.
+
+Forward (per batch and query head; Q (q, d), K and V (k, d) of the head's KV group):
     S = (Q_e4m3 @ K_e4m3^T) * softmax_scale + mask          FP8 GEMM 1
-    P = softmax(S) in FP32                                    (fully masked rows give P = 0)
-    O = P_e4m3 @ V_e4m3                                       FP8 GEMM 2
+    E = exp(S - rowmax(S)), l = rowsum(E) in FP32             (fully masked rows give E = 0)
+    O = (E_e4m3 @ V_e4m3) / l, stored as O_e4m3               FP8 GEMM 2
+    (flash kernels normalize O, not P: the FP8 operand is E in [0, 1], whose row max is 1, so
+    small probabilities keep their relative precision instead of sinking into subnormals)
 Backward:
+    P = E / l (FP32, recomputed)
     dV = P_e4m3^T @ dO_e5m2                                   FP8 GEMM 3
     dP = dO_e5m2 @ V_e4m3^T                                   FP8 GEMM 4
-    dS = P * (dP - rowsum(dO * O))                            FP32, as FlashAttention does
-    dQ = dS_e5m2 @ K_e4m3 * softmax_scale                     FP8 GEMM 5
-    dK = dS_e5m2^T @ Q_e4m3 * softmax_scale                   FP8 GEMM 6
+    dS = P * (dP - rowsum(dO * O)) * softmax_scale            FP32 (dO and O as FP8 values)
+    dQ = dS_e5m2 @ K_e4m3                                     FP8 GEMM 5
+    dK = dS_e5m2^T @ Q_e4m3                                   FP8 GEMM 6
+    (dS here is the gradient of Q K^T before softmax_scale: cuDNN's "dP", whose amax it returns)
+    dQ, dK, dV (dK/dV summed over the query heads of a KV group) stored as E4M3.
 (E5M2 is the recipe's gradient format: E4M3 with `fp8_format: e4m3`.)
 
-Q, K, V, dO and dS are cast with delayed per-tensor scales held per attention module (roles of a
-`DelayedScale`, updated with every other scale by `update_scales`). P lies in [0, 1], so it takes
-the fixed scale P_SCALE = 448 (E4M3's max): P = 1 maps to 448, and probabilities below about 4e-6
-(E4M3's smallest subnormal, 2**-9, over 448) flush to zero.
+Delayed scales: one `DelayedScale` per attention module with the nine ATTENTION_ROLES. E and P lie
+in [0, 1] and take the fixed scale P_SCALE = 448 (E4M3's max). Before its first scale update every
+tensor is scaled from its own amax, like every other hf_fp8 cast. O, dS, dQ, dK and dV are produced
+inside the fused kernel, which needs their scale before it computes them: on the first step (no
+`update_scales` yet, a host-side fact: `DelayedScale.updated_on_host` is False) the kernel runs twice, once
+to measure their amaxes; a tensor still uninitialized later (all its amaxes so far were zero) is
+scaled from an upper bound of its magnitude known in advance (`first_step_bounds`), which cannot
+overflow. Their amaxes (computed by the kernel before rounding) go into the histories like any other.
 
 How the GEMMs are computed: `torch._scaled_mm` is 2-D only, so each GEMM here multiplies the
 FP8-rounded operands (upcast to FP32, divided by their scales) in FP32. The product of two FP8
@@ -28,83 +41,153 @@ from __future__ import annotations
 import torch
 
 from .._torchao import to_fp8_saturated
+from ..recipe import FP8Recipe
 from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
 
-ATTENTION_ROLES = ("query", "key", "value", "grad_output", "grad_scores")
-_Q, _K, _V, _DO, _DS = range(5)
+ATTENTION_ROLES = (
+    "query", "key", "value", "output",
+    "grad_output", "grad_scores", "grad_query", "grad_key", "grad_value",
+)  # fmt: skip
+_Q, _K, _V, _O, _DO, _DS, _DQ, _DK, _DV = range(len(ATTENTION_ROLES))
 P_SCALE = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
-def _to_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def attention_dtypes(recipe: FP8Recipe) -> tuple[torch.dtype, ...]:
+    """FP8 format of each ATTENTION_ROLES entry: the recipe's forward format for Q/K/V/O, its
+    gradient format for dO and dS (the GEMM operands of the backward), E4M3 for the stored dQ/dK/dV
+    (they are re-cast by the projections' backward; 3 mantissa bits keep that second rounding small)."""
+    fwd, bwd, e4m3 = recipe.forward_dtype, recipe.backward_dtype, torch.float8_e4m3fn
+    return (fwd, fwd, fwd, fwd, bwd, bwd, e4m3, e4m3, e4m3)
+
+
+def new_attention_scales(recipe: FP8Recipe, device=None) -> DelayedScale:
+    """The DelayedScale of one attention module."""
+    return DelayedScale(ATTENTION_ROLES, attention_dtypes(recipe), recipe, device=device)
+
+
+def to_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # Saturating cast (torchao's, as FP8Linear's casts): beyond the format's range clips to +-max.
     return to_fp8_saturated(x.float() * scale, dtype)
 
 
-def _cast(x: torch.Tensor, state: DelayedScale, i: int, record: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(FP8 data, scale) of x with role i's delayed scale; records x's amax when `record`."""
-    amax = amax_of(x)
+def cast_input(x: torch.Tensor, amax: torch.Tensor, state: DelayedScale, i: int, record: bool):
+    """(FP8 data, scale) of x (whose amax is `amax`) with role i's delayed scale."""
     if record:
         record_amax(state, i, amax)
     scale = cast_scale(state, i, amax)
-    return _to_fp8(x, scale, state.dtypes[i]), scale
+    return to_fp8(x, scale, state.dtypes[i]), scale
 
 
 def _dequant(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return data.float() / scale
 
 
-def _softmax_fully_masked_to_zero(scores: torch.Tensor) -> torch.Tensor:
-    """softmax over the last dim in FP32; rows where every key is masked (-inf) give all zeros
-    (plain softmax gives NaN there; such rows are padding queries whose output is never used)."""
+def forward_output_bound(amax_v: torch.Tensor) -> torch.Tensor:
+    """|O| <= max|V| * sum_j E_e4m3_ij / l_i, and rounding E moves that sum by at most 2**-4: 2 max|V|."""
+    return 2 * amax_v
+
+
+def first_step_bounds(amax_q, amax_k, amax_v, amax_do, head_dim: int, q_len: int, groups: int, softmax_scale: float):
+    """Upper bounds of |dS|, |dQ|, |dK|, |dV| from quantities known before the backward kernel runs:
+    |dP_ij| <= head_dim * max|dO| * max|V|; sum_j |dS_ij| <= softmax_scale * sum_j P_ij (|dP_ij| +
+    |rowsum(dO*O)_i|) <= softmax_scale * 2 max|dP| =: B (also bounds |dS|); |dQ| <= B * max|K|; dK
+    and dV sum over the `groups * q_len` queries of a KV head: |dK| <= B * groups * q_len * max|Q|,
+    |dV| <= groups * q_len * max|dO|. Loose (dK's by orders of magnitude), hence used only where
+    no amax was ever seen (see module doc), and for the fused kernel's measuring pass."""
+    bound_ds = softmax_scale * 2 * head_dim * amax_do * amax_v
+    queries = groups * q_len
+    return bound_ds, bound_ds * amax_k, bound_ds * queries * amax_q, queries * amax_do
+
+
+def _exp_and_rowsum(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """E = exp(S - rowmax(S)) and l = rowsum(E) (clamped > 0), FP32. Rows where every key is masked
+    (-inf) give E = 0 (plain softmax gives NaN there; such rows are padding queries whose output is
+    never used)."""
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
     e = torch.exp(scores - row_max)
-    return e / e.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    return e, e.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+
+
+def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, Hkv * groups, K, D) -> (B, Hkv, K, D): a KV head's gradient is the sum over its query heads."""
+    b, h, k, d = x.shape
+    return x.view(b, h // groups, groups, k, d).sum(dim=2)
+
+
+def kernel_output_scale(state: DelayedScale, i: int, amax_now: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+    """Scale of a tensor the fused kernel produces (O, dS, dQ, dK, dV): its delayed scale once
+    initialized; before that its own amax `amax_now` on the first step, else the bound (module doc)."""
+    return cast_scale(state, i, amax_now if not state.updated_on_host else bound)
+
+
+def store_fp8(x: torch.Tensor, bound: torch.Tensor, state: DelayedScale, i: int, record: bool) -> torch.Tensor:
+    """x rounded to role i's FP8 format with its kernel-output scale, returned dequantized: what a
+    kernel with an FP8 output hands back."""
+    amax = amax_of(x)
+    if record:
+        record_amax(state, i, amax)
+    scale = kernel_output_scale(state, i, amax, bound)
+    return _dequant(to_fp8(x, scale, state.dtypes[i]), scale)
 
 
 class _FP8Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, softmax_scale: float, state: DelayedScale, record: bool):
-        # q: (B, H, Q, D); k, v: (B, H, K, D) with K/V heads already repeated for GQA;
-        # mask: None or additive float (B or 1, 1 or H, Q, K) with 0 (attend) / -inf (masked).
-        q8, sq = _cast(q, state, _Q, record)
-        k8, sk = _cast(k, state, _K, record)
-        v8, sv = _cast(v, state, _V, record)
-        scores = _dequant(q8, sq) @ _dequant(k8, sk).transpose(-1, -2) * softmax_scale
+    def forward(ctx, q, k, v, mask, softmax_scale: float, state: DelayedScale, record: bool, out_dtype: torch.dtype):
+        # q: (B, Hq, Q, D); k, v: (B, Hkv, K, D), Hq a multiple of Hkv (GQA);
+        # mask: None or additive float (B or 1, 1 or Hq, Q, K) with 0 (attend) / -inf (masked).
+        groups = q.shape[1] // k.shape[1]
+        amax_q, amax_k, amax_v = amax_of(q), amax_of(k), amax_of(v)
+        q8, sq = cast_input(q, amax_q, state, _Q, record)
+        k8, sk = cast_input(k, amax_k, state, _K, record)
+        v8, sv = cast_input(v, amax_v, state, _V, record)
+        kf = _dequant(k8, sk).repeat_interleave(groups, dim=1)
+        vf = _dequant(v8, sv).repeat_interleave(groups, dim=1)
+        scores = _dequant(q8, sq) @ kf.transpose(-1, -2) * softmax_scale
         if mask is not None:
             scores = scores + mask
-        p = _softmax_fully_masked_to_zero(scores)
-        p8 = _to_fp8(p, P_SCALE, torch.float8_e4m3fn)
-        out = (p8.float() / P_SCALE) @ _dequant(v8, sv)
-        ctx.save_for_backward(q8, k8, v8, sq, sk, sv, p8, mask if mask is not None else torch.empty(0), out)
+        e, rowsum = _exp_and_rowsum(scores)
+        e8 = to_fp8(e, P_SCALE, torch.float8_e4m3fn)
+        out = store_fp8((e8.float() / P_SCALE) @ vf / rowsum, forward_output_bound(amax_v), state, _O, record)
+        ctx.save_for_backward(q8, k8, v8, sq, sk, sv, mask if mask is not None else torch.empty(0), out,
+                              torch.stack([amax_q, amax_k, amax_v]))  # fmt: skip
         ctx.has_mask = mask is not None
         ctx.softmax_scale = softmax_scale
         ctx.state = state
-        return out.to(q.dtype)
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        return out.to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q8, k8, v8, sq, sk, sv, p8, mask, out = ctx.saved_tensors
+        q8, k8, v8, sq, sk, sv, mask, out, amaxes = ctx.saved_tensors
         state, softmax_scale = ctx.state, ctx.softmax_scale
-        q, k, v = _dequant(q8, sq), _dequant(k8, sk), _dequant(v8, sv)
-        # P in FP32 for the elementwise dS, recomputed from the FP8 GEMM 1 (as flash kernels do).
+        groups = q8.shape[1] // k8.shape[1]
+        q = _dequant(q8, sq)
+        k = _dequant(k8, sk).repeat_interleave(groups, dim=1)
+        v = _dequant(v8, sv).repeat_interleave(groups, dim=1)
+        # P recomputed from the FP8 GEMM 1 (as flash kernels do).
         scores = q @ k.transpose(-1, -2) * softmax_scale
         if ctx.has_mask:
             scores = scores + mask
-        p = _softmax_fully_masked_to_zero(scores)
+        e, rowsum = _exp_and_rowsum(scores)
+        p = e / rowsum
+        p8 = to_fp8(p, P_SCALE, torch.float8_e4m3fn)
 
-        do8, sdo = _cast(grad_out, state, _DO, True)
+        amax_do = amax_of(grad_out)
+        do8, sdo = cast_input(grad_out, amax_do, state, _DO, True)
         do = _dequant(do8, sdo)
+        bound_ds, bound_dq, bound_dk, bound_dv = first_step_bounds(
+            *amaxes.unbind(), amax_do, q.shape[-1], q.shape[2], groups, softmax_scale
+        )
         grad_v = (p8.float() / P_SCALE).transpose(-1, -2) @ do
         grad_p = do @ v.transpose(-1, -2)
-        delta = (p * grad_p).sum(dim=-1, keepdim=True)  # = rowsum(dO * O) in exact arithmetic
-        grad_scores = p * (grad_p - delta)
-        ds8, sds = _cast(grad_scores, state, _DS, True)
-        ds = _dequant(ds8, sds)
-        grad_q = ds @ k * softmax_scale
-        grad_k = ds.transpose(-1, -2) @ q * softmax_scale
-        dtype = grad_out.dtype
-        return grad_q.to(dtype), grad_k.to(dtype), grad_v.to(dtype), None, None, None, None
+        delta = (do * out).sum(dim=-1, keepdim=True)
+        ds = store_fp8(p * (grad_p - delta) * softmax_scale, bound_ds, state, _DS, True)
+        grad_q = store_fp8(ds @ k, bound_dq, state, _DQ, True)
+        grad_k = store_fp8(_sum_groups(ds.transpose(-1, -2) @ q, groups), bound_dk, state, _DK, True)
+        grad_v = store_fp8(_sum_groups(grad_v, groups), bound_dv, state, _DV, True)
+        dq_dtype, dk_dtype, dv_dtype = ctx.in_dtypes
+        return grad_q.to(dq_dtype), grad_k.to(dk_dtype), grad_v.to(dv_dtype), None, None, None, None, None
 
 
 def fp8_attention_reference(
@@ -115,9 +198,11 @@ def fp8_attention_reference(
     softmax_scale: float,
     state: DelayedScale,
     record: bool,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """softmax(Q K^T * softmax_scale + mask) V with all four forward/backward GEMM pairs in FP8.
+    """softmax(Q K^T * softmax_scale + mask) V with all six forward/backward GEMMs in FP8.
 
-    query (B, H, Q, D); key/value (B, H, K, D) (GQA heads already repeated); mask None or an additive
-    float mask broadcastable to (B, H, Q, K). Returns (B, H, Q, D) in query's dtype."""
-    return _FP8Attention.apply(query, key, value, mask, softmax_scale, state, record)
+    query (B, Hq, Q, D); key/value (B, Hkv, K, D) with Hq a multiple of Hkv (not repeated); mask None
+    or an additive float mask broadcastable to (B, Hq, Q, K). Returns (B, Hq, Q, D) in `out_dtype`
+    (default: query's)."""
+    return _FP8Attention.apply(query, key, value, mask, softmax_scale, state, record, out_dtype or query.dtype)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import cudnn_sdpa
 from .reference import fp8_attention_reference
 
 ATTN_IMPLEMENTATION = "hf_fp8"
@@ -65,13 +66,20 @@ def hf_fp8_attention_forward(
             f"{name} runs attn_implementation='hf_fp8' but has no FP8 attention scales; convert the model "
             "with hf_fp8.convert_model(model, hf_fp8.FP8Recipe(attention=True))"
         )
-    groups = query.shape[1] // key.shape[1]
-    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    q_len, kv_len = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    mask = _additive_mask(attention_mask, is_causal, q_len, kv_len, query.device)
     softmax_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    out = fp8_attention_reference(query, key, value, mask, softmax_scale, state, record=module.training)
+    # As SDPA under autocast: the output in the autocast dtype (RoPE makes q/k float32 there).
+    out_dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else query.dtype
+    kernel, why = cudnn_sdpa.kernel_for(query, key, attention_mask, is_causal)
+    if kernel == "cudnn":
+        causal = is_causal and query.shape[2] > 1
+        out = cudnn_sdpa.fp8_attention_cudnn(query, key, value, softmax_scale, causal, state, module.training, out_dtype)
+        return out.transpose(1, 2), None  # (B, Q, H, D), contiguous: the kernel writes BSHD memory
+    if query.is_cuda and cudnn_sdpa.status(query.device) is None:
+        cudnn_sdpa.warn_reference_fallback(name, why)
+    q_len, kv_len = query.shape[2], key.shape[2]
+    mask = _additive_mask(attention_mask, is_causal, q_len, kv_len, query.device)
+    out = fp8_attention_reference(query, key, value, mask, softmax_scale, state, module.training, out_dtype)
     return out.transpose(1, 2).contiguous(), None
 
 

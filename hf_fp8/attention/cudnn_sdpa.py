@@ -1,0 +1,356 @@
+"""FP8 attention on cuDNN's fused FP8 SDPA (Hopper, sm_90), with the reference's delayed scales.
+
+cuDNN's `sdpa_fp8` / `sdpa_fp8_backward` (through the optional `nvidia-cudnn-frontend` package; the
+kernel Transformer Engine uses) take per-tensor descales of their FP8 inputs and scales of their FP8
+outputs, and return the outputs' amaxes: exactly the delayed-scaling contract. On Hopper their
+outputs (O, dQ, dK, dV) must be FP8, which the reference (`reference.py`) mirrors, so CPU runs
+and GPU runs have the same numerics up to summation order.
+
+What runs where:
+- `_CudnnFP8Attention` (autograd): casts Q/K/V (and dO in backward) with their delayed scales in
+  PyTorch, so under torch.compile the cast and its amax fuse into the op that produces the tensor
+  (RoPE, the V projection, ...); calls the two kernels; records every amax; dequantizes O and dQ/dK/dV
+  to the model dtype.
+- `torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd` / `_bwd`: custom ops with fake implementations, so
+  torch.compile keeps them opaque. Graphs are built once per shape/stride/flag combination.
+Covered: causal (top-left, as SDPA's is_causal) or no mask, GQA/MQA, head dim 128 (cuDNN 9.19's FP8
+backward on Hopper declines any other). Other masks (padding, sliding window) and head dims run on
+the reference; see `kernel_for`.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import glob
+import os
+import warnings
+
+import torch
+
+from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
+from .reference import (
+    _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V,
+    P_SCALE, cast_input, first_step_bounds, forward_output_bound,
+)  # fmt: skip
+
+_E4M3 = torch.float8_e4m3fn
+_cudnn = None  # the imported `cudnn` module, once `status()` found it usable
+_STATUS: dict[int, str | None] = {}  # CUDA device index -> why the cuDNN kernel cannot run there (None: it can)
+KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # "auto" (default), "cudnn" or "reference"
+
+
+def _import_cudnn():
+    """Import cudnn-frontend. It dlopens libcudnn by name; torch wheels ship it in nvidia/cudnn/lib,
+    which is not on the loader path, so load that copy first (the one torch itself uses)."""
+    global _cudnn
+    if _cudnn is None:
+        try:
+            import nvidia.cudnn
+
+            for lib_dir in (os.path.join(p, "lib") for p in nvidia.cudnn.__path__):
+                for path in sorted(glob.glob(os.path.join(lib_dir, "libcudnn*.so.*"))):
+                    ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
+        except (ImportError, OSError):
+            pass  # a system-wide cuDNN may still be found by name
+        import cudnn
+
+        _cudnn = cudnn
+    return _cudnn
+
+
+def status(device: torch.device) -> str | None:
+    """Why the cuDNN FP8 attention cannot run on `device`, or None when it can. Checked once per
+    device (call it outside torch.compile first: `convert_model` does)."""
+    if device.type != "cuda":
+        return f"device {device.type} (the fused kernel needs an sm_90 GPU)"
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _STATUS:
+        _STATUS[index] = _check(index)
+    return _STATUS[index]
+
+
+def _check(index: int) -> str | None:
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in ("auto", "cudnn", "reference"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected auto, cudnn or reference")
+    if choice == "reference":
+        return f"{KERNEL_ENV}=reference"
+    capability = torch.cuda.get_device_capability(index)
+    reason = None
+    if capability != (9, 0):
+        reason = f"compute capability {capability[0]}.{capability[1]}: the cuDNN FP8 attention path is built for sm_90 (Hopper)"
+    else:
+        try:
+            version = _import_cudnn().backend_version()
+            if version < 90100:
+                reason = f"cuDNN {version} is too old for FP8 SDPA training (needs >= 9.1)"
+        except Exception as e:  # ImportError, or a cudnn-frontend that cannot load libcudnn
+            reason = f"nvidia-cudnn-frontend unavailable ({type(e).__name__}: {e}); pip install 'hf_fp8[cudnn]'"
+    if reason is not None and choice == "cudnn":
+        raise RuntimeError(f"{KERNEL_ENV}=cudnn but {reason}")
+    return reason
+
+
+def description(device: torch.device) -> str:
+    """One line for reports: which FP8 attention kernel runs on `device`."""
+    reason = status(device)
+    if reason is None:
+        return f"cuDNN FP8 SDPA (cuDNN {_cudnn.backend_version()}) for causal/unmasked batches; reference for other masks"
+    return f"pure-PyTorch reference ({reason})"
+
+
+def kernel_for(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal: bool) -> tuple[str, str]:
+    """("cudnn", "") when the fused kernel covers this call, else ("reference", why not)."""
+    if not query.is_cuda:
+        return "reference", f"{query.device.type} tensors"
+    reason = status(query.device)
+    if reason is not None:
+        return "reference", reason
+    q_len, kv_len, head_dim = query.shape[2], key.shape[2], query.shape[3]
+    if attention_mask is not None:
+        return "reference", "the batch has a padding or sliding-window mask (the fused kernel covers causal/unmasked attention)"
+    if is_causal and q_len != kv_len:
+        return "reference", f"causal attention of {q_len} queries over {kv_len} keys (the fused kernel needs equal lengths)"
+    if head_dim != 128:  # cuDNN 9.19's FP8 backward on Hopper declines any other head dim
+        return "reference", f"head dim {head_dim} (cuDNN's FP8 attention backward on Hopper takes head dim 128 only)"
+    return "cudnn", ""
+
+
+# ---- graphs ---------------------------------------------------------------------------------------
+
+_HANDLES: dict[int, object] = {}
+_GRAPHS: dict[tuple, tuple] = {}
+
+
+def _handle(device: torch.device):
+    if device.index not in _HANDLES:
+        with torch.cuda.device(device):
+            _HANDLES[device.index] = _cudnn.create_handle()
+    handle = _HANDLES[device.index]
+    _cudnn.set_stream(handle, torch.cuda.current_stream(device).cuda_stream)
+    return handle
+
+
+def _data_type(dtype: torch.dtype):
+    dt = _cudnn.data_type
+    return {torch.float8_e4m3fn: dt.FP8_E4M3, torch.float8_e5m2: dt.FP8_E5M2, torch.float32: dt.FLOAT}[dtype]
+
+
+def _build(graph, outputs) -> tuple:
+    graph.validate()
+    graph.build_operation_graph()
+    graph.create_execution_plans([_cudnn.heur_mode.A, _cudnn.heur_mode.FALLBACK])
+    graph.check_support()
+    graph.build_plans()
+    return graph, outputs, graph.get_workspace_size()
+
+
+def _new_graph():
+    dt = _cudnn.data_type
+    return _cudnn.pygraph(io_data_type=dt.FP8_E4M3, intermediate_data_type=dt.FLOAT, compute_data_type=dt.FLOAT,
+                          handle=_HANDLES[torch.cuda.current_device()])  # fmt: skip
+
+
+def _tensor(graph, name: str, t: torch.Tensor):
+    return graph.tensor(name=name, dim=list(t.shape), stride=list(t.stride()), data_type=_data_type(t.dtype))
+
+
+def _scalar(graph, name: str):
+    return graph.tensor(name=name, dim=[1, 1, 1, 1], stride=[1, 1, 1, 1], data_type=_cudnn.data_type.FLOAT)
+
+
+def _set_output(t, like: torch.Tensor):
+    t.set_output(True).set_dim(list(like.shape)).set_stride(list(like.stride())).set_data_type(_data_type(like.dtype))
+
+
+def _layout(*tensors: torch.Tensor) -> tuple:
+    return tuple((tuple(t.shape), tuple(t.stride()), t.dtype) for t in tensors)
+
+
+def _fwd_graph(q8, k8, v8, o8, stats, softmax_scale: float, causal: bool):
+    key = ("fwd", q8.device.index, _layout(q8, k8, v8, o8), softmax_scale, causal)
+    if key not in _GRAPHS:
+        g = _new_graph()
+        ins = {n: _tensor(g, n, t) for n, t in (("q", q8), ("k", k8), ("v", v8))}
+        ins.update({n: _scalar(g, n) for n in ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")})
+        o, st, amax_s, amax_o = g.sdpa_fp8(
+            q=ins["q"], k=ins["k"], v=ins["v"], descale_q=ins["descale_q"], descale_k=ins["descale_k"],
+            descale_v=ins["descale_v"], descale_s=ins["descale_s"], scale_s=ins["scale_s"], scale_o=ins["scale_o"],
+            generate_stats=True, attn_scale=softmax_scale, use_causal_mask=causal, name="hf_fp8_sdpa_fp8",
+        )  # fmt: skip
+        _set_output(o, o8)
+        _set_output(st, stats)
+        for amax in (amax_s, amax_o):
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(_cudnn.data_type.FLOAT)
+        _GRAPHS[key] = _build(g, {**ins, "o": o, "stats": st, "amax_s": amax_s, "amax_o": amax_o})
+    return _GRAPHS[key]
+
+
+def _bwd_graph(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8, softmax_scale: float, causal: bool):
+    key = ("bwd", q8.device.index, _layout(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8), softmax_scale, causal)
+    if key not in _GRAPHS:
+        g = _new_graph()
+        ins = {n: _tensor(g, n, t) for n, t in (("q", q8), ("k", k8), ("v", v8), ("o", o8), ("do", do8), ("stats", stats))}
+        scalars = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_do", "descale_s", "descale_dp",
+                   "scale_s", "scale_dq", "scale_dk", "scale_dv", "scale_dp")  # fmt: skip
+        ins.update({n: _scalar(g, n) for n in scalars})
+        dq, dk, dv, amax_dq, amax_dk, amax_dv, amax_dp = g.sdpa_fp8_backward(
+            q=ins["q"], k=ins["k"], v=ins["v"], o=ins["o"], dO=ins["do"], stats=ins["stats"],
+            descale_q=ins["descale_q"], descale_k=ins["descale_k"], descale_v=ins["descale_v"],
+            descale_o=ins["descale_o"], descale_dO=ins["descale_do"], descale_s=ins["descale_s"],
+            descale_dP=ins["descale_dp"], scale_s=ins["scale_s"], scale_dQ=ins["scale_dq"], scale_dK=ins["scale_dk"],
+            scale_dV=ins["scale_dv"], scale_dP=ins["scale_dp"], attn_scale=softmax_scale, use_causal_mask=causal,
+            name="hf_fp8_sdpa_fp8_backward",
+        )  # fmt: skip
+        for t, like in ((dq, dq8), (dk, dk8), (dv, dv8)):
+            _set_output(t, like)
+        amaxes = {"amax_dq": amax_dq, "amax_dk": amax_dk, "amax_dv": amax_dv, "amax_dp": amax_dp}
+        for amax in amaxes.values():
+            amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(_cudnn.data_type.FLOAT)
+        _GRAPHS[key] = _build(g, {**ins, "dq": dq, "dk": dk, "dv": dv, **amaxes})
+    return _GRAPHS[key]
+
+
+def _execute(graph_entry, data: dict[str, torch.Tensor], device: torch.device) -> None:
+    graph, tensors, workspace_size = graph_entry
+    workspace = torch.empty(max(workspace_size, 1), dtype=torch.uint8, device=device)
+    pack = {tensors[name]: t for name, t in data.items()}
+    graph.execute(pack, workspace, handle=_handle(device))
+
+
+def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized (B, H, S, D) tensor laid out as (B, S, H, D) in memory: what the model's
+    output projection reads after `transpose(1, 2)`, without a copy."""
+    b, h, s, d = q.shape
+    return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
+
+
+def _scalar_4d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(1, 1, 1, 1).float().contiguous()
+
+
+# ---- custom ops -----------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("hf_fp8::cudnn_fp8_sdpa_fwd", mutates_args=())
+def cudnn_fp8_sdpa_fwd(
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
+    descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
+    softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """q8 (B, Hq, S, D), k8/v8 (B, Hkv, S, D) E4M3 -> O (B, Hq, S, D) E4M3 (BSHD memory), softmax
+    log-sum-exp stats (B, Hq, S, 1) fp32, amax of O before rounding (fp32 scalar)."""
+    o8 = _bshd_like(q8, _E4M3)
+    stats = torch.empty(*q8.shape[:3], 1, dtype=torch.float32, device=q8.device)
+    amax_o, amax_s = (torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q8.device) for _ in range(2))
+    p_scale = torch.full((1, 1, 1, 1), P_SCALE, device=q8.device)
+    with torch.cuda.device(q8.device):
+        _handle(q8.device)
+        entry = _fwd_graph(q8, k8, v8, o8, stats, softmax_scale, causal)
+        data = {"q": q8, "k": k8, "v": v8, "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
+                "descale_v": _scalar_4d(descale_v), "descale_s": 1 / p_scale, "scale_s": p_scale,
+                "scale_o": _scalar_4d(scale_o), "o": o8, "stats": stats, "amax_s": amax_s, "amax_o": amax_o}  # fmt: skip
+        _execute(entry, data, q8.device)
+    return o8, stats, amax_o.reshape(())
+
+
+@cudnn_fp8_sdpa_fwd.register_fake
+def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, causal):
+    stats = q8.new_empty(*q8.shape[:3], 1, dtype=torch.float32)
+    return _bshd_like(q8, _E4M3), stats, q8.new_empty((), dtype=torch.float32)
+
+
+@torch.library.custom_op("hf_fp8::cudnn_fp8_sdpa_bwd", mutates_args=())
+def cudnn_fp8_sdpa_bwd(
+    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, do8: torch.Tensor, stats: torch.Tensor,
+    descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor, descale_o: torch.Tensor,
+    descale_do: torch.Tensor, scale_dp: torch.Tensor, scale_dq: torch.Tensor, scale_dk: torch.Tensor,
+    scale_dv: torch.Tensor, softmax_scale: float, causal: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """-> dQ, dK, dV (E4M3, BSHD memory) and their amaxes plus dS's before rounding (fp32 (4,))."""
+    dq8, dk8, dv8 = _bshd_like(q8, _E4M3), _bshd_like(k8, _E4M3), _bshd_like(v8, _E4M3)
+    amaxes = torch.empty(4, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
+    p_scale = torch.full((1, 1, 1, 1), P_SCALE, device=q8.device)
+    with torch.cuda.device(q8.device):
+        _handle(q8.device)
+        entry = _bwd_graph(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8, softmax_scale, causal)
+        data = {"q": q8, "k": k8, "v": v8, "o": o8, "do": do8, "stats": stats,
+                "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
+                "descale_v": _scalar_4d(descale_v), "descale_o": _scalar_4d(descale_o),
+                "descale_do": _scalar_4d(descale_do), "descale_s": 1 / p_scale, "descale_dp": _scalar_4d(1 / scale_dp),
+                "scale_s": p_scale, "scale_dq": _scalar_4d(scale_dq), "scale_dk": _scalar_4d(scale_dk),
+                "scale_dv": _scalar_4d(scale_dv), "scale_dp": _scalar_4d(scale_dp), "dq": dq8, "dk": dk8, "dv": dv8,
+                "amax_dq": amaxes[0], "amax_dk": amaxes[1], "amax_dv": amaxes[2], "amax_dp": amaxes[3]}  # fmt: skip
+        _execute(entry, data, q8.device)
+    return dq8, dk8, dv8, amaxes.reshape(4)
+
+
+@cudnn_fp8_sdpa_bwd.register_fake
+def _(q8, k8, v8, o8, do8, stats, *args):
+    return _bshd_like(q8, _E4M3), _bshd_like(k8, _E4M3), _bshd_like(v8, _E4M3), q8.new_empty(4, dtype=torch.float32)
+
+
+# ---- autograd -------------------------------------------------------------------------------------
+
+
+class _CudnnFP8Attention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, softmax_scale: float, causal: bool, state: DelayedScale, record: bool, out_dtype):
+        # q (B, Hq, S, D); k, v (B, Hkv, S, D): any float dtype, any strides.
+        amax_q, amax_k, amax_v = amax_of(q), amax_of(k), amax_of(v)
+        q8, sq = cast_input(q, amax_q, state, _Q, record)
+        k8, sk = cast_input(k, amax_k, state, _K, record)
+        v8, sv = cast_input(v, amax_v, state, _V, record)
+        so = cast_scale(state, _O, forward_output_bound(amax_v))
+        o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
+        if not state.updated_on_host:  # first step: that pass measured amax(O); now cast with it
+            so = cast_scale(state, _O, amax_o)
+            o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
+        if record:
+            record_amax(state, _O, amax_o)
+        ctx.save_for_backward(q8, k8, v8, o8, stats, torch.stack([sq, sk, sv, so]), torch.stack([amax_q, amax_k, amax_v]))
+        ctx.softmax_scale, ctx.causal, ctx.state = softmax_scale, causal, state
+        ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
+        return (o8.float() / so).to(out_dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q8, k8, v8, o8, stats, scales, amaxes = ctx.saved_tensors
+        state, softmax_scale = ctx.state, ctx.softmax_scale
+        sq, sk, sv, so = scales.unbind()
+        amax_do = amax_of(grad_out)
+        do8, sdo = cast_input(grad_out, amax_do, state, _DO, True)
+        groups = q8.shape[1] // k8.shape[1]
+        bound_ds, bound_dq, bound_dk, bound_dv = first_step_bounds(
+            *amaxes.unbind(), amax_do, q8.shape[-1], q8.shape[2], groups, softmax_scale
+        )
+        # cuDNN's amax order: dQ, dK, dV, dP (= our dS)
+        bounds = torch.stack([bound_dq, bound_dk, bound_dv, bound_ds])
+        roles = (_DQ, _DK, _DV, _DS)
+
+        def run(amax_or_bound):
+            s_dq, s_dk, s_dv, s_ds = (cast_scale(state, i, a) for i, a in zip(roles, amax_or_bound.unbind()))
+            out = torch.ops.hf_fp8.cudnn_fp8_sdpa_bwd(
+                q8, k8, v8, o8, do8, stats, 1 / sq, 1 / sk, 1 / sv, 1 / so, 1 / sdo, s_ds, s_dq, s_dk, s_dv,
+                softmax_scale, ctx.causal,
+            )  # fmt: skip
+            return out, (s_dq, s_dk, s_dv)
+
+        (dq8, dk8, dv8, grad_amaxes), grad_scales = run(bounds)
+        if not state.updated_on_host:  # first step: that pass measured the amaxes; now cast with them
+            (dq8, dk8, dv8, grad_amaxes), grad_scales = run(grad_amaxes)
+        for i, amax in zip(roles, grad_amaxes.unbind()):
+            record_amax(state, i, amax)
+        grads = [(g8.float() / s).to(dt) for g8, s, dt in zip((dq8, dk8, dv8), grad_scales, ctx.in_dtypes)]
+        return *grads, None, None, None, None, None
+
+
+def fp8_attention_cudnn(query, key, value, softmax_scale: float, causal: bool, state: DelayedScale, record: bool,
+                        out_dtype: torch.dtype | None = None):  # fmt: skip
+    """cuDNN FP8 SDPA with `state`'s delayed scales: query (B, Hq, S, D), key/value (B, Hkv, S, D)
+    -> (B, Hq, S, D) in `out_dtype` (default query's; a transposed view of BSHD memory). See the module doc."""
+    return _CudnnFP8Attention.apply(query, key, value, softmax_scale, causal, state, record, out_dtype or query.dtype)
+
+
+def warn_reference_fallback(name: str, why: str) -> None:
+    warnings.warn(f"hf_fp8 attention in {name} runs the slow pure-PyTorch reference on the GPU: {why}", stacklevel=3)
