@@ -57,6 +57,7 @@ import json
 import math
 import os
 import platform
+import re
 import sys
 import sysconfig
 import time
@@ -70,11 +71,12 @@ DEFAULT_PLOT_DIR = ROOT / "benchmarks" / "plots"
 EOS = "<|endoftext|>"
 
 LLAMA_SHAPES = {
-    "default": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),
+    # head dim 128, the paper's (and the only one cuDNN's FP8 attention backward takes on Hopper)
+    "default": dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=2),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 FOG_SHAPES = {
-    "default": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12, num_key_value_heads=4),
+    "default": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=6, num_key_value_heads=2),
     "tiny": dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
 }
 TINY_DEFAULTS = dict(max_bytes=1_000_000, vocab_size=1024, seq_len=64, batch_size=4, eval_blocks=16, warmup=2)
@@ -103,11 +105,23 @@ def stdlib_files(include_tests: bool = True) -> list[Path]:
     return sorted(files, key=lambda path: path.relative_to(root).as_posix())
 
 
-def read_documents(max_bytes: int, heldout_every: int, include_tests: bool = True) -> tuple[list[str], list[str], int]:
-    """(train texts, held-out texts, files read): files in sorted order until max_bytes; every
-    heldout_every-th file (the 0th, k-th, 2k-th, ...) is held out."""
+def python_files(root: str) -> list[Path]:
+    """*.py under root (bytecode caches left out), sorted by relative path."""
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
+        files.extend(Path(directory, n) for n in names if n.endswith(".py"))
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def read_documents(max_bytes: int, heldout_every: int, include_tests: bool = True,
+                   text_dirs: tuple[str, ...] = ()) -> tuple[list[str], list[str], int]:  # fmt: skip
+    """(train texts, held-out texts, files read): the stdlib's files, then those of each of
+    `text_dirs`, in sorted order until max_bytes; every heldout_every-th file (the 0th, k-th, 2k-th,
+    ...) is held out."""
     train, heldout, total, n = [], [], 0, 0
-    for path in stdlib_files(include_tests):
+    paths = stdlib_files(include_tests) + [p for d in text_dirs for p in python_files(d)]
+    for path in paths:
         if total >= max_bytes:
             break
         try:
@@ -147,7 +161,7 @@ def build_data(args):
     import datasets
 
     t0 = time.perf_counter()
-    train_texts, heldout_texts, n_files = read_documents(args.max_bytes, args.heldout_every, args.stdlib_tests)
+    train_texts, heldout_texts, n_files = read_documents(args.max_bytes, args.heldout_every, args.stdlib_tests, tuple(args.text_dirs))
     tok = train_tokenizer(train_texts, args.vocab_size)
     train_blocks = to_blocks(tok, train_texts, args.seq_len)
     heldout_blocks = to_blocks(tok, heldout_texts, args.seq_len)[: args.eval_blocks]
@@ -157,7 +171,7 @@ def build_data(args):
     heldout_ds = datasets.Dataset.from_dict({"input_ids": heldout_blocks}).with_format("torch")
     vocab_json = json.dumps(tok.get_vocab(), sort_keys=True)
     info = {
-        "source": f"python {platform.python_version()} stdlib *.py ({sysconfig.get_paths()['stdlib']})",
+        "source": f"python {platform.python_version()} stdlib *.py ({sysconfig.get_paths()['stdlib']})" + "".join(f" + {d}/**.py" for d in args.text_dirs),
         "files": n_files,
         "train_files": len(train_texts),
         "heldout_files": len(heldout_texts),
@@ -416,7 +430,43 @@ def ema(values: list, alpha: float = 0.05) -> list:
     return out
 
 
-def plot(out_dir: Path, plot_dir: Path) -> list[Path]:
+_STEP_LINE = re.compile(r"^step +(\d+)  loss (\S+)  gnorm (\S+)  lr (\S+)  (\d+) ms(?:  kurt qkv (\S+)  overflow (\S+))?$")
+_EVAL_LINE = re.compile(r"^eval  step +(\d+)  held-out loss (\S+)$")
+_FINAL_LINE = re.compile(r"^final held-out loss (\S+)  \((\d+) steps, (\S+) s\)  -> (\S+)$")
+
+
+def import_log(log_path: Path) -> dict:
+    """A result JSON rebuilt from a run's console output, for runs whose JSON was lost: the printed
+    subset only (training loss/grad norm every --log-every steps, held-out loss, mean QKV kurtosis
+    and worst overflow on stats steps that were also log steps). Marked `reconstructed_from_log`."""
+
+    def num(text: str):
+        value = float(text) if text not in ("None", "nan") else None
+        return value if value is None or math.isfinite(value) else None
+
+    result = {"name": None, "log": [], "eval": [], "stats": [], "diverged_at": None, "reconstructed_from_log": str(log_path)}
+    for line in Path(log_path).read_text().splitlines():
+        if line.startswith('{"data"'):
+            result["data"] = json.loads(line)["data"]
+        elif m := _STEP_LINE.match(line):
+            step = int(m[1])
+            result["log"].append({"step": step, "loss": num(m[2]), "grad_norm": num(m[3]), "lr": float(m[4]), "step_s": int(m[5]) / 1000})
+            if m[2] in ("nan", "inf") and result["diverged_at"] is None:
+                result["diverged_at"] = step
+            if m[6] is not None:
+                result["stats"].append({"step": step, "fp8/kurtosis/qkv_mean": num(m[6]), "fp8/overflow_max": num(m[7])})
+        elif m := _EVAL_LINE.match(line):
+            result["eval"].append({"step": int(m[1]), "loss": num(m[2])})
+        elif m := _FINAL_LINE.match(line):
+            result["final_eval_loss"], result["completed_steps"], result["train_s"] = num(m[1]), int(m[2]), float(m[3])
+            result["name"] = Path(m[4]).stem
+            result["eval"].append({"step": int(m[2]), "loss": num(m[1])})
+    if result["name"] is None:
+        raise ValueError(f"{log_path}: no 'final held-out loss ... -> NAME.json' line; not a complete quality.py log")
+    return result
+
+
+def plot(out_dir: Path, plot_dir: Path, tag: str | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -428,8 +478,10 @@ def plot(out_dir: Path, plot_dir: Path) -> list[Path]:
             runs.append(json.loads(f.read_text()))
         except (json.JSONDecodeError, OSError) as e:
             print(f"skipping {f}: {e}", file=sys.stderr)
+    if tag is not None:
+        runs = [r for r in runs if str(r.get("name", "")).endswith(f"_{tag}")]
     if not runs:
-        raise SystemExit(f"no result JSONs in {out_dir}")
+        raise SystemExit(f"no result JSONs in {out_dir}" + (f" named *_{tag}" if tag else ""))
     plot_dir = Path(plot_dir)
     plot_dir.mkdir(parents=True, exist_ok=True)
     written = []
@@ -462,7 +514,7 @@ def plot(out_dir: Path, plot_dir: Path) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        target = plot_dir / f"{stem}.png"
+        target = plot_dir / (f"{tag}_{stem}.png" if tag else f"{stem}.png")
         fig.savefig(target, dpi=120)
         plt.close(fig)
         written.append(target)
@@ -496,6 +548,8 @@ def parse_args(argv=None):
     p.add_argument("--vocab-size", type=int, default=None, help="BPE vocabulary (8192; 1024 with --tiny)")
     p.add_argument("--stdlib-tests", action=argparse.BooleanOptionalAction, default=True,
                    help="include the stdlib's own test suite (Lib/test, ...) in the corpus")
+    p.add_argument("--text-dirs", nargs="*", default=[], metavar="DIR",
+                   help="more local *.py sources read after the stdlib (e.g. an installed package's directory)")
     p.add_argument("--heldout-every", type=int, default=10, help="every k-th file is held out")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--max-minutes", type=float, default=None, help="stop training cleanly after this long")
@@ -504,6 +558,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out-dir", default=str(DEFAULT_OUT_DIR))
     p.add_argument("--plot", action="store_true", help="only plot the JSONs in --out-dir")
+    p.add_argument("--plot-tag", default=None, help="with --plot: only runs whose name ends in _TAG (file names get TAG_)")
+    p.add_argument("--import-log", nargs="+", metavar="LOG", help="only rebuild result JSONs (into --out-dir) from console logs")
     p.add_argument("--plot-dir", default=str(DEFAULT_PLOT_DIR))
     args = p.parse_args(argv)
     defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS
@@ -516,7 +572,15 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     if args.plot:
-        plot(Path(args.out_dir), Path(args.plot_dir))
+        plot(Path(args.out_dir), Path(args.plot_dir), args.plot_tag)
+        return
+    if args.import_log:
+        for log in args.import_log:
+            result = import_log(Path(log))
+            path = Path(args.out_dir) / f"{result['name']}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(result, indent=1))
+            print(f"{log} -> {path}")
         return
     if args.threads:
         torch.set_num_threads(args.threads)

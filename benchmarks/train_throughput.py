@@ -5,7 +5,10 @@ AdamW, per-decoder-layer torch.compile, use_cache=False, bf16 parameters, LM hea
 Reports the median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16,
 peak memory and the loss after the timed steps.
 
-  python benchmarks/train_throughput.py --shape 1.5b --modes bf16,torchao,hf_fp8 --out results.json
+  python benchmarks/train_throughput.py --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json
+
+Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
+hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
 """
 
 from __future__ import annotations
@@ -27,10 +30,26 @@ SHAPES = {
 }
 
 
-def build_model(shape: str, seq_len: int, device) -> LlamaForCausalLM:
+# FOG shapes: the config files of recipes/models/ (FOG-flash at the paper's 1.5B shape).
+FOG_SHAPES = {"fog-flash-1.5b": "fog-flash-1.5b.json", "fog-flash-tiny": "fog-flash-tiny.json"}
+
+
+def build_model(shape: str, seq_len: int, device):
+    torch.manual_seed(0)
+    if shape in FOG_SHAPES:
+        from pathlib import Path
+
+        import hf_fp8
+
+        path = Path(__file__).resolve().parent.parent / "recipes" / "models" / FOG_SHAPES[shape]
+        config = hf_fp8.FOGConfig.from_json_file(str(path))
+        config.max_position_embeddings = max(config.max_position_embeddings, seq_len)
+        config.use_cache = False
+        with torch.device(device):
+            model = hf_fp8.FOGForCausalLM(config)
+        return model.to(torch.bfloat16)
     config = LlamaConfig(vocab_size=32768, max_position_embeddings=seq_len, rope_theta=500000.0, **SHAPES[shape])
     config.use_cache = False
-    torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM(config)
     return model.to(torch.bfloat16)
@@ -50,9 +69,9 @@ def convert(model, mode: str):
     if mode.startswith("hf_fp8"):
         import hf_fp8
 
-        # hf_fp8: linears only, default (paper) scaling; _nosync: no inf/NaN check, so update_scales
-        # makes no host sync.
-        recipe = hf_fp8.FP8Recipe(on_nonfinite_amax="skip" if mode == "hf_fp8_nosync" else "warn")
+        # hf_fp8: linears only, default (paper) scaling; _attn: linears + FP8 attention (cuDNN's
+        # fused kernel on sm_90); _nosync: no inf/NaN check, so update_scales makes no host sync.
+        recipe = hf_fp8.FP8Recipe(attention=mode == "hf_fp8_attn", on_nonfinite_amax="skip" if mode == "hf_fp8_nosync" else "warn")
         report = hf_fp8.convert_model(model, recipe)
         print(report)
         return report
@@ -128,7 +147,7 @@ def profile_steps(args, mode, model, opt, batches) -> None:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--shape", choices=sorted(SHAPES), default="1.5b")
+    p.add_argument("--shape", choices=sorted(SHAPES) + sorted(FOG_SHAPES), default="1.5b")
     p.add_argument("--modes", default="bf16,torchao,hf_fp8")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=4096)
@@ -153,8 +172,15 @@ def main():
             f"{r['peak_mem_gib']:>9.1f} {r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}"
         )
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"shape": args.shape, "device": torch.cuda.get_device_name(), "torch": torch.__version__, "results": results}, f, indent=2)
+        # One file for all shapes: shape -> mode -> numbers (a run replaces its shape's entry).
+        from pathlib import Path
+
+        path = Path(args.out)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data = data if "results" not in data else {}  # an old single-shape file is replaced
+        data[args.shape] = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                            "batch": f"{args.batch_size}x{args.seq_len}", **results}
+        path.write_text(json.dumps(data, indent=2))
 
 
 if __name__ == "__main__":

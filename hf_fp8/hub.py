@@ -319,6 +319,11 @@ def _benchmark_rows(benchmark: dict | str | os.PathLike | None) -> tuple[list[di
         return [], None
     if isinstance(benchmark, (str, os.PathLike)):
         benchmark = json.loads(Path(benchmark).read_text())
+    if "results" not in benchmark and not any(isinstance(v, dict) and "tokens_per_s" in v for v in benchmark.values()):
+        # train_throughput.py's file for several shapes: shape -> {device, torch, batch, mode -> numbers};
+        # the card shows one shape, the paper's 1.5B when present.
+        shape = "1.5b" if "1.5b" in benchmark else next(iter(benchmark), None)
+        benchmark = {"shape": shape, **benchmark[shape]} if shape is not None else {}
     results = benchmark.get("results", benchmark)
     base = results.get("bf16", {}).get("tokens_per_s")
     rows = []
@@ -385,7 +390,8 @@ def model_card(
     report: the FP8Report of convert_model (default: the one recorded on the model at conversion).
     training_summary: e.g. {"final_loss": 2.31, "steps": 300, "kurtosis": {"qkv": [..]}} (every
         entry is listed; "kurtosis" lists or dicts of lists are shown as trends).
-    benchmark: a dict (or JSON path) in the format of benchmarks/results/train_throughput.json.
+    benchmark: a dict (or JSON path) in the format of benchmarks/results/train_throughput.json (for a
+      file with several shapes, the 1.5B one is shown).
     attach: also keep the card on the model, so save_pretrained writes it as README.md and
         push_to_hub uploads it.
     Front matter: library_name transformers, tags fp8/hf_fp8/torchao (+ `tags`), base_model, ...

@@ -28,8 +28,9 @@ def _run(args: list[str], timeout: float = 120) -> subprocess.CompletedProcess:
 def results(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("quality")
     for model, mode in RUNS:
-        _run(["--tiny", "--steps", "6", "--eval-every", "3", "--stats-every", "3", "--model", model,
-              "--mode", mode, "--tag", "smoke", "--device", "cpu", "--out-dir", str(out)])
+        proc = _run(["--tiny", "--steps", "6", "--eval-every", "3", "--stats-every", "3", "--log-every", "3",
+                     "--model", model, "--mode", mode, "--tag", "smoke", "--device", "cpu", "--out-dir", str(out)])
+        (out / f"{model}_{mode}_smoke.log").write_text(proc.stdout)
     return out
 
 
@@ -76,3 +77,23 @@ def test_plot(results, tmp_path):
     for name in ("loss", "eval_loss", "kurtosis_qkv", "overflow"):
         png = plots / f"{name}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
+
+
+def test_import_log_rebuilds_the_printed_subset(results, tmp_path):
+    """A run whose JSON was lost can be plotted from its console log: the rebuilt result holds the
+    printed steps, evals and stats with the JSON's values (to the printed precision)."""
+    _run(["--import-log", str(results / "llama_fp8_smoke.log"), "--out-dir", str(tmp_path)])
+    rebuilt = json.loads((tmp_path / "llama_fp8_smoke.json").read_text())
+    original = json.loads((results / "llama_fp8_smoke.json").read_text())
+    assert rebuilt["reconstructed_from_log"].endswith("llama_fp8_smoke.log")
+    assert rebuilt["completed_steps"] == 6
+    assert [r["step"] for r in rebuilt["log"]] == [0, 3, 5]  # --log-every 3 and the last step
+    by_step = {r["step"]: r for r in original["log"]}
+    for r in rebuilt["log"]:
+        assert r["loss"] == pytest.approx(by_step[r["step"]]["loss"], abs=1e-4)
+    assert [(e["step"], round(e["loss"], 4)) for e in rebuilt["eval"]] == [(e["step"], round(e["loss"], 4)) for e in original["eval"]]
+    stats = {s["step"]: s for s in original["stats"]}
+    for s in rebuilt["stats"]:
+        assert s["fp8/kurtosis/qkv_mean"] == pytest.approx(stats[s["step"]]["fp8/kurtosis/qkv_mean"], abs=0.006)
+    _run(["--plot", "--plot-tag", "smoke", "--out-dir", str(tmp_path), "--plot-dir", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "smoke_loss.png").stat().st_size > 1000
