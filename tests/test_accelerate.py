@@ -47,9 +47,11 @@ train_script = _load_script()
 def fresh_accelerate(monkeypatch):
     """Accelerate's singletons reset, no launcher env leaking in, and the integration's global
     state (enabled or not, recipe) restored afterwards."""
-    for var in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_FP8_BACKEND", "ACCELERATE_USE_CPU", "HF_FP8_RECIPE"):
+    for var in ("ACCELERATE_MIXED_PRECISION", "ACCELERATE_FP8_BACKEND", "ACCELERATE_USE_CPU", "HF_FP8_RECIPE",
+                "HF_FP8_FSDP_FP8_ALL_GATHER"):
         monkeypatch.delenv(var, raising=False)
     was_enabled, recipe = hf_fp8_accelerate.is_enabled(), hf_fp8_accelerate._recipe
+    all_gather = hf_fp8_accelerate._fsdp_fp8_all_gather
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     yield
@@ -57,7 +59,7 @@ def fresh_accelerate(monkeypatch):
     GradientState._reset_state()
     hf_fp8_accelerate.disable()
     if was_enabled:
-        hf_fp8_accelerate.enable(recipe)
+        hf_fp8_accelerate.enable(recipe, all_gather)
 
 
 def _reference_losses(recipe, micro_batches, ga):
@@ -314,3 +316,63 @@ def test_pretrain_fog_example_tiny(tmp_path):
     assert len(losses) == 40
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < first - 0.5, (first, last)
+
+
+# ------------------------------------------------------------------ FSDP2 FP8 all-gather wiring
+
+
+class _FSDP2Accelerator:
+    """What the integration reads of an Accelerator running FSDP2 (Accelerate runs FSDP on GPUs only,
+    so the wiring is tested on its own; the all-gather itself runs under real fully_shard in
+    tests/test_fsdp_fp8_all_gather.py)."""
+
+    is_fsdp2 = True
+    is_local_main_process = False
+
+    def __init__(self):
+        from accelerate.utils import DistributedType
+
+        self.distributed_type = DistributedType.FSDP
+
+
+def test_fsdp2_fp8_all_gather_wraps_weights_and_keeps_them_in_the_optimizer(fresh_accelerate, monkeypatch):
+    """With the option on, prepare's conversion wraps every FP8 weight for the FP8 all-gather and the
+    optimizer created before prepare is switched to the wrapped Parameters, so they train (the
+    trap of Accelerate's torchao FSDP path: converted weights left out of the optimizer)."""
+    from hf_fp8.fsdp import DelayedFloat8AllGatherWeight
+
+    model = train_script.build_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=train_script.LR)
+    accelerator = _FSDP2Accelerator()
+    hf_fp8_accelerate.enable(RECIPE, fsdp_fp8_all_gather=True)
+    assert hf_fp8_accelerate.fsdp_fp8_all_gather_wanted(accelerator)
+    hf_fp8_accelerate._convert(accelerator, model)
+    hf_fp8_accelerate._swap_optimizer_params(accelerator, opt)
+    wrapped = [m.weight for m in model.modules() if isinstance(m, hf_fp8.FP8Linear)]
+    assert wrapped and all(isinstance(w, DelayedFloat8AllGatherWeight) for w in wrapped)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert all(id(w) in in_opt for w in wrapped)
+    assert len(in_opt) == len(list(model.parameters()))
+    before = [w.detach().clone() for w in wrapped]
+    hf_fp8.attach(model, opt)
+    x = torch.randint(0, 256, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=x, labels=x, use_cache=False).loss.backward()
+    opt.step()
+    assert all(not torch.equal(b, w.detach()) for b, w in zip(before, wrapped))
+
+
+def test_fsdp_fp8_all_gather_option_is_ignored_without_fsdp2_and_validated(fresh_accelerate, monkeypatch):
+    hf_fp8_accelerate.enable(RECIPE)
+    monkeypatch.setenv(hf_fp8_accelerate.ENV_FSDP_FP8_ALL_GATHER, "1")
+    assert hf_fp8_accelerate.fsdp_fp8_all_gather_wanted(_FSDP2Accelerator())
+    accelerator = Accelerator(mixed_precision="fp8", cpu=True)  # single process: no FSDP
+    assert not hf_fp8_accelerate.fsdp_fp8_all_gather_wanted(accelerator)
+    model = train_script.build_model()
+    model, _ = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=1e-3))
+    assert not any(type(p).__name__ == "DelayedFloat8AllGatherWeight" for p in model.parameters())
+    monkeypatch.setenv(hf_fp8_accelerate.ENV_FSDP_FP8_ALL_GATHER, "maybe")
+    with pytest.raises(ValueError, match="HF_FP8_FSDP_FP8_ALL_GATHER"):
+        hf_fp8_accelerate.fsdp_fp8_all_gather_wanted(_FSDP2Accelerator())
+    with pytest.raises(TypeError, match="fsdp_fp8_all_gather"):
+        hf_fp8_accelerate.enable(RECIPE, fsdp_fp8_all_gather="yes")

@@ -1,16 +1,24 @@
-"""hf_fp8 under DDP and FSDP2: 2 CPU processes over gloo, a tiny Llama in fp32 (no autocast, so
+"""hf_fp8 under DDP and FSDP2: 2 and 4 CPU processes over gloo, a tiny Llama in fp32 (no autocast, so
 comparisons are tight), AdamW, `convert_model` + `attach`.
+
+World sizes: every spawned check runs with 2 and with 4 processes (`all_worlds`: the module-scoped
+fixtures that spawn the workers depend on the `world` parameter, so each runs once per size). The
+parity runs use one global batch of GLOBAL_ROWS = 4 sequences per step (2 rows per rank with 2
+processes, 1 with 4), the same batch as the single-process reference. A 4-process spawn costs about
+twice a 2-process one on 2 cores (~20 s vs ~10 s per fixture); all of it fits the CI budget, so no
+check is restricted to 2 processes.
 
 Parity tolerance against the single-process run on the same global batch: before the first update
 every role casts with a *dynamic* scale from the tensor at hand, and under DDP/FSDP that tensor is
-this rank's half-batch (input, grad-output) instead of the whole batch, so step 1's FP8 rounding
-differs (weights are replicated/unsharded: same weight scale). From the first update on, the
-all-reduced (MAX) amaxes equal the single-process ones (grad-output amaxes differ by exactly the
-factor world_size, since each rank's loss is a mean over half the tokens: a power of two, so the
-FP8 values are bit-identical), but the weights already carry step 1's small difference, and the
-gradient average is reduced in another order. Measured relative loss differences over 4 steps:
-1.3e-5, 1.6e-5, 1.3e-4, 5.0e-4 (growing with the steps); the tolerance is 2e-3. DDP and FSDP2 do the
-same per-rank arithmetic and agree bitwise with each other.
+this rank's share of the batch (input, grad-output) instead of the whole batch, so step 1's FP8
+rounding differs (weights are replicated/unsharded: same weight scale). From the first update on,
+the all-reduced (MAX) amaxes equal the single-process ones (grad-output amaxes differ by exactly the
+factor world_size, since each rank's loss is a mean over 1/world_size of the tokens: a power of two,
+so the FP8 values are bit-identical), but the weights already carry step 1's small difference, and
+the gradient average is reduced in another order. Measured relative loss differences over 4 steps:
+2 ranks 1.3e-5, 1.6e-5, 1.3e-4, 5.0e-4; 4 ranks 1.2e-5, 1.8e-4, 5.9e-5, 2.2e-5; the tolerance is
+2e-3. DDP and FSDP2 do the same per-rank arithmetic; with 2 ranks they agree bitwise, with 4 up to
+the order in which the gradients are summed (test_ddp_and_fsdp2_losses_agree).
 """
 
 from __future__ import annotations
@@ -29,13 +37,20 @@ from hf_fp8.scaling import delayed_scale_states
 
 from helpers import structured_batches
 
-WORLD = 2
+WORLDS = (2, 4)  # process counts the distributed checks run with
+GLOBAL_ROWS = 4  # sequences per optimizer step in the parity runs: divisible by every world size
 STEPS = 4
 LR = 1e-3
 HISTORY = 16
 WEIGHT = 1  # role index of the weight in an FP8Linear's DelayedScale
 # Relative loss tolerance vs the single-process run (module docstring).
-LOSS_RTOL = 2e-3  # measured: 1.3e-5 (step 1) .. 5.0e-4 (step 4), DDP and FSDP2 alike
+LOSS_RTOL = 2e-3  # measured max: 5.0e-4 (2 ranks), 1.8e-4 (4 ranks), DDP and FSDP2 alike
+# DDP vs FSDP2 with 4 ranks: the gradient sums differ in order only (test_ddp_and_fsdp2_losses_agree).
+REDUCTION_ORDER_RTOL = 1e-5
+
+# The spawned runs are module-scoped fixtures that depend on `world`; parametrizing it at module scope
+# lets pytest run each fixture once per world size (tests are regrouped by it).
+all_worlds = pytest.mark.parametrize("world", WORLDS, scope="module")
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -59,12 +74,13 @@ def fp8_llama(seed: int = 0) -> LlamaForCausalLM:
     return model
 
 
-def global_batches(steps: int = STEPS, rows: int = 2 * WORLD):
+def global_batches(steps: int = STEPS, rows: int = GLOBAL_ROWS):
     return structured_batches(steps, batch=rows, seq=32)
 
 
-def shard_of(x: torch.Tensor, rank: int) -> torch.Tensor:
-    n = x.shape[0] // WORLD
+def shard_of(x: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    assert x.shape[0] % world == 0, f"{x.shape[0]} rows do not split over {world} ranks"
+    n = x.shape[0] // world
     return x[rank * n : (rank + 1) * n]
 
 
@@ -84,7 +100,7 @@ def pending(model) -> torch.Tensor:
 def mean_over_ranks(value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     dist.all_reduce(t)
-    return t.item() / WORLD
+    return t.item() / dist.get_world_size()
 
 
 class AllReduceCounter:
@@ -122,11 +138,17 @@ def single_process_losses():
     return losses
 
 
-def spawn(worker, tmp_path, *args) -> dict:
+def spawn(worker, world: int, tmp_path, *args) -> dict:
+    """Runs worker(rank, world, init_file, results, *args) on `world` processes; {rank: result}."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(worker, args=(str(tmp_path / "init"), results, *args), nprocs=WORLD)
+        mp.spawn(worker, args=(world, str(tmp_path / "init"), results, *args), nprocs=world)
         return dict(results)
+
+
+def init_gloo(rank: int, world: int, init_file: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -154,7 +176,7 @@ def _ddp_train_step(ddp, model, opt, micro_batches, use_no_sync: bool, counter, 
     return total
 
 
-def _ddp_run(rank, steps, micro, use_no_sync, ignore, counter, probe=False, rows=1):
+def _ddp_run(rank, world, steps, micro, use_no_sync, ignore, counter, probe=False, rows=1):
     """`micro` micro-batches of `rows` sequences per rank and optimizer step."""
     from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -168,8 +190,8 @@ def _ddp_run(rank, steps, micro, use_no_sync, ignore, counter, probe=False, rows
     if probe:
         model.register_forward_pre_hook(lambda m, a, kw: probes["before_forward"].append(pending(m)), with_kwargs=True)
     out = {"losses": [], "calls": [], "state": [], "rolled": []}
-    for x in global_batches(steps, rows=WORLD * micro * rows):
-        mine = shard_of(x, rank)
+    for x in global_batches(steps, rows=world * micro * rows):
+        mine = shard_of(x, rank, world)
         before = counter.calls
         loss = _ddp_train_step(ddp, model, opt, [mine[i * rows : (i + 1) * rows] for i in range(micro)], use_no_sync, counter, probes)
         out["calls"].append(counter.calls - before)
@@ -183,20 +205,19 @@ def _ddp_run(rank, steps, micro, use_no_sync, ignore, counter, probe=False, rows
     return out
 
 
-def _ddp_worker(rank, init_file, results):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+def _ddp_worker(rank, world, init_file, results):
+    init_gloo(rank, world, init_file)
     counter = AllReduceCounter()
     try:
         res = {
-            # plain data parallel, one micro-batch per step
-            "parity": _ddp_run(rank, STEPS, 1, False, False, counter, rows=2),
+            # plain data parallel, one micro-batch per step, the single-process run's global batch
+            "parity": _ddp_run(rank, world, STEPS, 1, False, False, counter, rows=GLOBAL_ROWS // world),
             # accumulation: 3 of 4 micro-batches under no_sync, default broadcast_buffers / FP8 buffers ignored
-            "accum_default": _ddp_run(rank, 2, 4, True, False, counter),
-            "accum_ignored": _ddp_run(rank, 2, 4, True, True, counter),
+            "accum_default": _ddp_run(rank, world, 2, 4, True, False, counter),
+            "accum_ignored": _ddp_run(rank, world, 2, 4, True, True, counter),
             # accumulation without no_sync (every backward all-reduces gradients)
-            "sync_default": _ddp_run(rank, 1, 4, False, False, counter, probe=True),
-            "sync_ignored": _ddp_run(rank, 1, 4, False, True, counter, probe=True),
+            "sync_default": _ddp_run(rank, world, 1, 4, False, False, counter, probe=True),
+            "sync_ignored": _ddp_run(rank, world, 1, 4, False, True, counter, probe=True),
         }
         results[rank] = res
     finally:
@@ -205,27 +226,34 @@ def _ddp_worker(rank, init_file, results):
 
 
 @pytest.fixture(scope="module")
-def ddp_results(tmp_path_factory):
-    return spawn(_ddp_worker, tmp_path_factory.mktemp("ddp"))
+def ddp_results(tmp_path_factory, world):
+    return spawn(_ddp_worker, world, tmp_path_factory.mktemp(f"ddp{world}"))
 
 
-def test_ddp_losses_match_single_process(ddp_results, single_process_losses):
+@all_worlds
+def test_ddp_losses_match_single_process(ddp_results, single_process_losses, world):
     losses = ddp_results[0]["parity"]["losses"]
-    assert losses == ddp_results[1]["parity"]["losses"]
+    for rank in range(1, world):
+        assert ddp_results[rank]["parity"]["losses"] == losses
     assert losses == pytest.approx(single_process_losses, rel=LOSS_RTOL)
     assert losses[-1] < losses[0]  # it trains
 
 
-def test_ddp_histories_identical_on_all_ranks_and_one_collective_per_step(ddp_results):
+@all_worlds
+def test_ddp_histories_identical_on_all_ranks_and_one_collective_per_step(ddp_results, world):
     for run in ("parity", "accum_default", "accum_ignored", "sync_ignored"):
-        r0, r1 = ddp_results[0][run], ddp_results[1][run]
-        for step, (a, b) in enumerate(zip(r0["state"], r1["state"])):
-            assert torch.equal(a, b), f"{run}: FP8 state differs between ranks after step {step + 1}"
-        assert r0["calls"] == r1["calls"] == [1] * len(r0["calls"]), run  # one all-reduce per optimizer step
+        r0 = ddp_results[0][run]
+        assert r0["calls"] == [1] * len(r0["calls"]), run  # one all-reduce per optimizer step
+        for rank in range(1, world):
+            r = ddp_results[rank][run]
+            for step, (a, b) in enumerate(zip(r0["state"], r["state"], strict=True)):
+                assert torch.equal(a, b), f"{run}: FP8 state of rank {rank} differs from rank 0's after step {step + 1}"
+            assert r["calls"] == r0["calls"], run
 
 
-def test_ddp_accumulation_with_no_sync_rolls_once_per_optimizer_step(ddp_results):
-    for rank in range(WORLD):
+@all_worlds
+def test_ddp_accumulation_with_no_sync_rolls_once_per_optimizer_step(ddp_results, world):
+    for rank in range(world):
         for run in ("accum_default", "accum_ignored"):
             assert ddp_results[rank][run]["rolled"] == [1, 2], run  # 2 optimizer steps of 4 micro-batches
         # With no_sync for the first 3 micro-batches DDP's buffer broadcast (before a forward that
@@ -235,18 +263,22 @@ def test_ddp_accumulation_with_no_sync_rolls_once_per_optimizer_step(ddp_results
             assert torch.equal(a, b)
 
 
-def test_ddp_default_buffer_broadcast_drops_amaxes_when_accumulating_without_no_sync(ddp_results):
+@all_worlds
+def test_ddp_default_buffer_broadcast_drops_amaxes_when_accumulating_without_no_sync(ddp_results, world):
     """Every micro-batch synchronising (no `no_sync`): with broadcast_buffers=True DDP copies rank 0's
-    pending amaxes over rank 1's before micro-batches 2..4, so amaxes rank 1 saw are lost;
-    ddp_ignore_fp8_buffers (what the Accelerate integration does) keeps them."""
-    d0, d1 = ddp_results[0]["sync_default"], ddp_results[1]["sync_default"]
-    for k in range(1, 4):
-        # rank 1's pending amaxes entering micro-batch k+1 are rank 0's, not its own
-        assert torch.equal(d1["probes"]["before_forward"][k], d0["probes"]["after_backward"][k - 1])
-    assert any(
-        not torch.equal(d1["probes"]["before_forward"][k], d1["probes"]["after_backward"][k - 1]) for k in range(1, 4)
-    )
-    for rank in range(WORLD):
+    pending amaxes over every other rank's before micro-batches 2..4, so amaxes those ranks saw are
+    lost; ddp_ignore_fp8_buffers (what the Accelerate integration does) keeps them."""
+    d0 = ddp_results[0]["sync_default"]
+    for rank in range(1, world):
+        d = ddp_results[rank]["sync_default"]
+        for k in range(1, 4):
+            # this rank's pending amaxes entering micro-batch k+1 are rank 0's, not its own
+            assert torch.equal(d["probes"]["before_forward"][k], d0["probes"]["after_backward"][k - 1])
+        assert any(
+            not torch.equal(d["probes"]["before_forward"][k], d["probes"]["after_backward"][k - 1]) for k in range(1, 4)
+        ), rank
+        assert torch.equal(d["history"], d0["history"])  # still identical on all ranks (just wrong)
+    for rank in range(world):
         ok = ddp_results[rank]["sync_ignored"]["probes"]
         for k in range(1, 4):
             assert torch.equal(ok["before_forward"][k], ok["after_backward"][k - 1])
@@ -255,7 +287,6 @@ def test_ddp_default_buffer_broadcast_drops_amaxes_when_accumulating_without_no_
     bad, good = d0["history"][:, 0], ddp_results[0]["sync_ignored"]["history"][:, 0]
     assert (bad <= good).all()
     assert (bad < good).any()
-    assert torch.equal(d1["history"], d0["history"])  # still identical on both ranks (just wrong)
 
 
 def test_ddp_ignore_fp8_buffers_lists_every_scaling_buffer():
@@ -285,8 +316,8 @@ def _fsdp_model(seed: int):
     return model
 
 
-def _fsdp_step(model, opt, x, rank, counter, weight_checks=None):
-    mine = shard_of(x, rank)
+def _fsdp_step(model, opt, x, rank, world, counter, weight_checks=None):
+    mine = shard_of(x, rank, world)
     loss = model(input_ids=mine, labels=mine).loss
     loss.backward()
     if weight_checks is not None:
@@ -304,13 +335,12 @@ def _fsdp_step(model, opt, x, rank, counter, weight_checks=None):
     return mean_over_ranks(loss.item()), counter.calls - before
 
 
-def _fsdp_worker(rank, init_file, results, ckpt_dir):
+def _fsdp_worker(rank, world, init_file, results, ckpt_dir):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.tensor import DTensor
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    torch.set_num_threads(1)
+    init_gloo(rank, world, init_file)
     counter = AllReduceCounter()
     out = {"losses": [], "calls": [], "state": [], "weight_checks": [], "history_vs_full": []}
     try:
@@ -325,7 +355,7 @@ def _fsdp_worker(rank, init_file, results, ckpt_dir):
         save_after = 2
         for step, x in enumerate(batches):
             checks = []
-            loss, calls = _fsdp_step(model, opt, x, rank, counter, checks)
+            loss, calls = _fsdp_step(model, opt, x, rank, world, counter, checks)
             out["losses"].append(loss)
             out["calls"].append(calls)
             out["state"].append(fp8_state(model))
@@ -353,7 +383,7 @@ def _fsdp_worker(rank, init_file, results, ckpt_dir):
         dcp.load({"model": msd, "optim": osd}, checkpoint_id=ckpt_dir)
         set_state_dict(m, o, model_state_dict=msd, optim_state_dict=osd)
         out["loaded_fp8_state"] = fp8_state(m)
-        out["resumed_losses"] = [_fsdp_step(m, o, x, rank, counter)[0] for x in batches[save_after:]]
+        out["resumed_losses"] = [_fsdp_step(m, o, x, rank, world, counter)[0] for x in batches[save_after:]]
         out["resumed_final_state"] = fp8_state(m)
         results[rank] = out
     finally:
@@ -362,20 +392,22 @@ def _fsdp_worker(rank, init_file, results, ckpt_dir):
 
 
 @pytest.fixture(scope="module")
-def fsdp_results(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fsdp")
-    return spawn(_fsdp_worker, tmp, str(tmp / "ckpt"))
+def fsdp_results(tmp_path_factory, world):
+    tmp = tmp_path_factory.mktemp(f"fsdp{world}")
+    return spawn(_fsdp_worker, world, tmp, str(tmp / "ckpt"))
 
 
+@all_worlds
 def test_fsdp2_fp8_linear_sees_the_unsharded_plain_weight(fsdp_results):
     r = fsdp_results[0]
     assert r["weight_type_outside"] == ("DTensor", True)  # sharded between passes
     assert r["weight_type_in_forward"] == ("Parameter", False)  # FSDP2 unshards to a plain tensor
 
 
-def test_fsdp2_weight_amax_is_the_global_amax(fsdp_results):
+@all_worlds
+def test_fsdp2_weight_amax_is_the_global_amax(fsdp_results, world):
     strict = 0
-    for rank in range(WORLD):
+    for rank in range(world):
         r = fsdp_results[rank]
         assert r["weight_checks"]
         for name, pending_w, full_max, local_max in r["weight_checks"]:
@@ -386,19 +418,31 @@ def test_fsdp2_weight_amax_is_the_global_amax(fsdp_results):
     assert strict > 0  # the shards' own maxima are not the answer
 
 
-def test_fsdp2_losses_match_single_process_and_histories_agree(fsdp_results, single_process_losses):
-    r0, r1 = fsdp_results[0], fsdp_results[1]
-    assert r0["losses"] == r1["losses"]
+@all_worlds
+def test_fsdp2_losses_match_single_process_and_histories_agree(fsdp_results, single_process_losses, world):
+    r0 = fsdp_results[0]
     assert r0["losses"] == pytest.approx(single_process_losses, rel=LOSS_RTOL)
-    assert r0["calls"] == r1["calls"] == [1] * STEPS
-    for step, (a, b) in enumerate(zip(r0["state"], r1["state"])):
-        assert torch.equal(a, b), f"FP8 state differs between ranks after step {step + 1}"
+    assert r0["calls"] == [1] * STEPS
+    for rank in range(1, world):
+        r = fsdp_results[rank]
+        assert r["losses"] == r0["losses"]
+        assert r["calls"] == r0["calls"]
+        for step, (a, b) in enumerate(zip(r0["state"], r["state"], strict=True)):
+            assert torch.equal(a, b), f"FP8 state of rank {rank} differs from rank 0's after step {step + 1}"
 
 
-def test_ddp_and_fsdp2_losses_agree_bitwise(ddp_results, fsdp_results):
-    # Same per-rank computation (FSDP2 unshards the full weight for the FP8 cast), and a mean of two
-    # gradients does not depend on the reduction order.
-    assert fsdp_results[0]["losses"] == ddp_results[0]["parity"]["losses"]
+@all_worlds
+def test_ddp_and_fsdp2_losses_agree(ddp_results, fsdp_results, world):
+    # Same per-rank computation (FSDP2 unshards the full weight for the FP8 cast). With 2 ranks the
+    # mean of the two gradients does not depend on the reduction order: bitwise. With 4, DDP's
+    # all-reduce and FSDP2's reduce-scatter add the 4 gradients in different orders (measured: ~25%
+    # of the gradient elements differ by an ulp, the weights by 8e-7 relative after 4 steps; the
+    # losses happened to round to the same fp32 values), so only a tolerance far below LOSS_RTOL.
+    fsdp, ddp = fsdp_results[0]["losses"], ddp_results[0]["parity"]["losses"]
+    if world == 2:
+        assert fsdp == ddp
+    else:
+        assert fsdp == pytest.approx(ddp, rel=REDUCTION_ORDER_RTOL)
 
 
 def test_accelerate_fsdp2_recipe_parses():
@@ -414,8 +458,9 @@ def test_accelerate_fsdp2_recipe_parses():
     assert "fp8_config" not in config  # an explicit Accelerate FP8 backend would bypass hf_fp8
 
 
-def test_fsdp2_dcp_resume_is_exact(fsdp_results):
-    for rank in range(WORLD):
+@all_worlds
+def test_fsdp2_dcp_resume_is_exact(fsdp_results, world):
+    for rank in range(world):
         r = fsdp_results[rank]
         assert torch.equal(r["loaded_fp8_state"], r["saved_fp8_state"])
         assert r["resumed_losses"] == r["losses"][2:]  # bitwise

@@ -40,6 +40,13 @@ choose one of Accelerate's backends explicitly: no `AORecipeKwargs`/`TERecipeKwa
 Recipe: `enable(recipe=...)` (an `FP8Recipe` or a path), else the file named by `HF_FP8_RECIPE`,
 else `FP8Recipe()`; resolved at each `prepare`.
 
+FSDP2 FP8 weight all-gather (opt-in): `enable(fsdp_fp8_all_gather=True)` or
+`HF_FP8_FSDP_FP8_ALL_GATHER=1`. When the Accelerator runs FSDP2, `prepare` then calls
+`hf_fp8.distributed.enable_fp8_all_gather` on the converted model before Accelerate shards it, and
+puts the wrapped weights (new Parameter objects over the same data) in place of the old ones in the
+optimizers it prepares, so they train (the trap of Accelerate's torchao path, whose FP8 all-gather
+leaves converted weights out of the optimizer). Other distributed types ignore the option.
+
 Tested (CPU): single process, gradient accumulation, DDP over gloo with 2 processes
 (`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`). Not tested: GPUs (the
 code has no CPU-specific path), FSDP/FSDP2 (conversion happens before sharding; FP8Linear on DTensor
@@ -60,11 +67,12 @@ from torch import nn
 
 from ..convert import FP8Report, convert_model
 from ..recipe import FP8Recipe
-from ..distributed import ddp_ignore_fp8_buffers
+from ..distributed import ddp_ignore_fp8_buffers, enable_fp8_all_gather
 from ..scaling import attach
 
 ENV_RECIPE = "HF_FP8_RECIPE"
 ENV_AUTO = "HF_FP8_ACCELERATE"
+ENV_FSDP_FP8_ALL_GATHER = "HF_FP8_FSDP_FP8_ALL_GATHER"
 
 
 class _BackendName(str):
@@ -86,27 +94,33 @@ HF_FP8_BACKEND = _BackendName("HF_FP8")
 _PATCHED = ("__init__", "fp8_backend", "prepare", "prepare_model", "prepare_optimizer")
 _originals: dict[str, object] = {}
 _recipe: FP8Recipe | str | Path | None = None
+_fsdp_fp8_all_gather: bool | None = None  # None: $HF_FP8_FSDP_FP8_ALL_GATHER decides
 
 # Attributes kept on each Accelerator instance (in its __dict__).
 _EXPLICIT = "_hf_fp8_explicit_backend"  # str | None: an Accelerate backend the user chose
 _MODELS = "_hf_fp8_models"  # list of (model, report, recipe)
 _NOTED = "_hf_fp8_noted"  # the "hf_fp8 stays out" warning was given
+_SWAPS = "_hf_fp8_param_swaps"  # id(old Parameter) -> (old, new) from the FP8 all-gather wrapping
 
 
 # --------------------------------------------------------------------------------------- public API
 
 
-def enable(recipe: FP8Recipe | str | Path | None = None) -> None:
+def enable(recipe: FP8Recipe | str | Path | None = None, fsdp_fp8_all_gather: bool | None = None) -> None:
     """Make hf_fp8 the FP8 backend of every `Accelerator` with `mixed_precision="fp8"` created
     after this call (see the module docstring). `recipe`: an FP8Recipe or the path of a recipe
-    file; None: the file named by $HF_FP8_RECIPE, else `FP8Recipe()`. Calling it again only
-    replaces the recipe."""
-    global _recipe
+    file; None: the file named by $HF_FP8_RECIPE, else `FP8Recipe()`. `fsdp_fp8_all_gather`: under
+    FSDP2, all-gather FP8 weights (None: $HF_FP8_FSDP_FP8_ALL_GATHER, default off). Calling it again
+    only replaces these settings."""
+    global _recipe, _fsdp_fp8_all_gather
     if recipe is not None and not isinstance(recipe, (FP8Recipe, str, Path)):
         raise TypeError(f"enable: recipe must be an FP8Recipe or a path, got {type(recipe).__name__}")
+    if fsdp_fp8_all_gather is not None and not isinstance(fsdp_fp8_all_gather, bool):
+        raise TypeError(f"enable: fsdp_fp8_all_gather must be a bool or None, got {fsdp_fp8_all_gather!r}")
     if isinstance(recipe, (str, Path)):
         recipe = FP8Recipe.from_file(recipe)  # fail now, not at prepare time
     _recipe = recipe
+    _fsdp_fp8_all_gather = fsdp_fp8_all_gather
     if _originals:
         return
     from accelerate import Accelerator
@@ -123,7 +137,7 @@ def enable(recipe: FP8Recipe | str | Path | None = None) -> None:
 def disable() -> None:
     """Undo `enable()`: Accelerate's own FP8 backends again. Models already prepared stay converted
     and attached (their optimizers keep updating the scales)."""
-    global _recipe
+    global _recipe, _fsdp_fp8_all_gather
     if not _originals:
         return
     from accelerate import Accelerator
@@ -132,6 +146,7 @@ def disable() -> None:
         setattr(Accelerator, name, original)
     _originals.clear()
     _recipe = None
+    _fsdp_fp8_all_gather = None
 
 
 def is_enabled() -> bool:
@@ -146,6 +161,22 @@ def resolve_recipe() -> FP8Recipe:
     if path:
         return FP8Recipe.from_file(path)
     return FP8Recipe()
+
+
+def fsdp_fp8_all_gather_wanted(accelerator) -> bool:
+    """Whether `prepare` gives this accelerator's FP8 weights the FP8 all-gather: asked for (enable()
+    or $HF_FP8_FSDP_FP8_ALL_GATHER) and the accelerator runs FSDP2."""
+    wanted = _fsdp_fp8_all_gather
+    if wanted is None:
+        value = os.environ.get(ENV_FSDP_FP8_ALL_GATHER, "0").strip().lower()
+        if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
+            raise ValueError(f"{ENV_FSDP_FP8_ALL_GATHER}={value!r}: expected 1/0 (true/false)")
+        wanted = value in ("1", "true", "yes", "on")
+    if not wanted:
+        return False
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
 
 
 def uses_hf_fp8(accelerator) -> bool:
@@ -245,6 +276,9 @@ def _make_prepare(original):
         for obj in args:
             if isinstance(obj, nn.Module):
                 _convert(self, obj)
+        for obj in args:
+            if isinstance(obj, torch.optim.Optimizer):
+                _swap_optimizer_params(self, obj)
         result = original(self, *args, device_placement=device_placement)
         _attach_all(self)
         return result
@@ -268,6 +302,8 @@ def _make_prepare_model(original):
 def _make_prepare_optimizer(original):
     @functools.wraps(original)
     def prepare_optimizer(self, optimizer, *args, **kwargs):
+        if uses_hf_fp8(self):
+            _swap_optimizer_params(self, optimizer)
         result = original(self, optimizer, *args, **kwargs)
         if uses_hf_fp8(self):
             _attach_all(self)
@@ -297,14 +333,47 @@ def _convert(accelerator, model: nn.Module) -> None:
     # update_scales keeps the FP8 buffers identical across ranks; DDP's broadcast would re-send them
     # and, between micro-batches outside no_sync, drop this rank's amaxes.
     ddp_ignore_fp8_buffers(raw)
+    all_gather = ""
+    if fsdp_fp8_all_gather_wanted(accelerator):
+        n = _enable_fp8_all_gather(accelerator, raw)
+        all_gather = f"; FSDP2 all-gathers {n} FP8 weights in FP8 with their delayed scales"
     models.append((raw, report, recipe))
     raw.hf_fp8_report = report
     if accelerator.is_local_main_process:
         print(
             f"hf_fp8: Accelerator.prepare converted {type(raw).__name__} to FP8 "
-            f"(Accelerate's own FP8 backends bypassed; non-FP8 ops under bf16 autocast)\n{report}",
+            f"(Accelerate's own FP8 backends bypassed; non-FP8 ops under bf16 autocast{all_gather})\n{report}",
             flush=True,
         )
+
+
+def _enable_fp8_all_gather(accelerator, raw: nn.Module) -> int:
+    """Wrap raw's FP8 weights for the FP8 all-gather (before Accelerate shards it) and remember which
+    Parameter replaced which, for the optimizers. Returns how many weights were wrapped."""
+    before = dict(raw.named_parameters())
+    enable_fp8_all_gather(raw)
+    swaps = accelerator.__dict__.setdefault(_SWAPS, {})
+    n = 0
+    for name, p in raw.named_parameters():
+        old = before.get(name)
+        if old is not None and old is not p:
+            swaps[id(old)] = (old, p)  # holds `old`, so its id cannot be reused meanwhile
+            n += 1
+    return n
+
+
+def _swap_optimizer_params(accelerator, optimizer) -> None:
+    """Put the FP8 all-gather Parameters in place of the ones they replaced in `optimizer` (its
+    param groups and any state), so the optimizer steps the weights the model now uses."""
+    swaps = accelerator.__dict__.get(_SWAPS)
+    if not swaps:
+        return
+    opt = getattr(optimizer, "optimizer", optimizer)
+    for group in opt.param_groups:
+        group["params"] = [swaps[id(p)][1] if id(p) in swaps else p for p in group["params"]]
+    for old, new in list(swaps.values()):
+        if old in opt.state:
+            opt.state[new] = opt.state.pop(old)
 
 
 def _is_attached(model: nn.Module, optimizer) -> bool:
