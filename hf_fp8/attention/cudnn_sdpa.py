@@ -95,7 +95,8 @@ def description(device: torch.device) -> str:
     """One line for reports: which FP8 attention kernel runs on `device`."""
     reason = status(device)
     if reason is None:
-        return f"cuDNN FP8 SDPA (cuDNN {_cudnn.backend_version()}) for causal/unmasked batches; reference for other masks"
+        return (f"cuDNN FP8 SDPA (cuDNN {_cudnn.backend_version()}) for causal/unmasked batches at head dim 128; "
+                "the reference for other masks and head dims")
     return f"pure-PyTorch reference ({reason})"
 
 
