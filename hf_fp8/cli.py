@@ -9,6 +9,8 @@
                    why the others would not, without loading weights or training.
   hf-fp8 push      Upload a directory written by a converted model's save_pretrained (weights,
                    config, fp8_state.safetensors, fp8_recipe.json) with its model card to the Hub.
+  hf-fp8 bench     Training throughput of BF16, torchao tensorwise and hf_fp8 on one GPU, in one run
+                   (hf_fp8.bench; also benchmarks/train_throughput.py).
 """
 
 from __future__ import annotations
@@ -173,7 +175,32 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--message", metavar="TEXT", help="commit message (default: 'Upload FP8-trained model (hf_fp8)')")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; contact nothing")
     push.set_defaults(handler=run_push)
+
+    bench = commands.add_parser(
+        "bench",
+        help="time training steps of BF16, torchao and hf_fp8 on one GPU (ratios to BF16, same run)",
+        description=(
+            "Training throughput of one model shape in several modes, in one process: BF16, torchao "
+            "tensorwise (dynamic scaling), hf_fp8 (delayed scaling; linears, or linears + attention). "
+            "Per-decoder-layer torch.compile, random tokens, median step time after warm-up."
+        ),
+    )
+    from . import bench as bench_module
+
+    bench_module.add_arguments(bench)
+    bench.set_defaults(handler=run_bench)
     return parser
+
+
+def run_bench(args) -> None:
+    from . import bench
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda but no CUDA device is available (use --device cpu for a smoke run)")
+    try:
+        bench.run(args)
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

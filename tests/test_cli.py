@@ -239,3 +239,43 @@ def test_push_refuses_a_directory_without_weights(tmp_path, capsys):
         main(["push", str(tmp_path), "user/x", "--dry-run"])
     assert exit_info.value.code == 2
     assert "no model.safetensors" in capsys.readouterr().err
+
+
+def test_bench_cpu_smoke_writes_results_per_shape(tmp_path, capsys):
+    """`hf-fp8 bench` (the throughput benchmark) end to end on CPU, eager, tiny shapes: every mode
+    trains (finite loss), ratios are to the BF16 run, results merge into one JSON per shape."""
+    out = tmp_path / "bench.json"
+    common = ["--device", "cpu", "--no-compile", "--warmup", "1", "--steps", "2", "--seq-len", "64",
+              "--batch-size", "2", "--quiet", "--out", str(out)]
+    main(["bench", "--shape", "tiny", "--modes", "bf16,hf_fp8,hf_fp8_attn", *common])
+    main(["bench", "--shape", "fog-flash-tiny", "--modes", "bf16,hf_fp8", *common])
+    data = json.loads(out.read_text())
+    assert set(data) == {"tiny", "fog-flash-tiny"}
+    tiny = data["tiny"]
+    assert tiny["batch"] == "2x64" and tiny["bf16"]["ratio_vs_bf16"] == 1.0
+    for mode in ("bf16", "hf_fp8", "hf_fp8_attn"):
+        assert math.isfinite(tiny[mode]["loss"]) and tiny[mode]["tokens_per_s"] > 0
+    assert 0 < tiny["hf_fp8"]["fp8_flop_fraction"] < tiny["hf_fp8_attn"]["fp8_flop_fraction"] < 1
+    assert "reference" in tiny["hf_fp8_attn"]["attention_kernel"]  # CPU: the pure-PyTorch reference
+    assert "tokens/s" not in capsys.readouterr().err
+
+
+def test_bench_fog_shape_is_the_recipe_file():
+    from hf_fp8 import bench
+    from hf_fp8.models.fog import FOGConfig
+
+    ours = FOGConfig(**bench.FOG_SHAPES["fog-flash-1.5b"])
+    recipe = FOGConfig.from_json_file(str(Path(__file__).resolve().parents[1] / "recipes/models/fog-flash-1.5b.json"))
+    for field in ("variant", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                  "num_key_value_heads", "head_dim", "softmax_scale"):
+        assert getattr(ours, field) == getattr(recipe, field), field
+
+
+def test_bench_bad_modes_and_missing_cuda_are_usage_errors(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", "--modes", "fastest"])
+    assert e.value.code == 2 and "unknown fastest" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit):
+            main(["bench"])
+        assert "no CUDA device" in capsys.readouterr().err

@@ -1,0 +1,211 @@
+"""Training throughput: BF16 vs torchao tensorwise (dynamic) vs hf_fp8 (delayed), one device.
+
+`hf-fp8 bench` and `benchmarks/train_throughput.py` run this. All modes run in one process on the
+same model shape, data and seed: forward + backward + AdamW (fused on CUDA), per-decoder-layer
+torch.compile (unless --no-compile), use_cache=False, bf16 parameters, LM head in BF16. Reports the
+median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16, peak memory
+(CUDA) and the loss after the timed steps.
+
+Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
+hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
+Shapes: the paper's 1.5B Llama, an 8B-shape slice (4 of 32 layers), FOG-flash at 1.5B, tiny ones
+for smoke runs. Random tokens, 4 batches cycled: a throughput run, not a quality measure.
+
+  hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+LLAMA_SHAPES = {
+    "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
+    "8b-slice": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),
+    "tiny": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1),
+}
+# FOG-flash at the paper's 1.5B shape: recipes/models/fog-flash-1.5b.json (a test keeps them equal).
+FOG_SHAPES = {
+    "fog-flash-1.5b": dict(variant="fog-flash", hidden_size=2048, intermediate_size=12288, num_hidden_layers=16,
+                           num_attention_heads=16, num_key_value_heads=8, head_dim=128, softmax_scale=0.125),
+    "fog-flash-tiny": dict(variant="fog-flash", hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, head_dim=128),
+}  # fmt: skip
+MODES = ("bf16", "torchao", "hf_fp8", "hf_fp8_attn", "hf_fp8_nosync")
+VOCAB = 32768
+
+
+def build_model(shape: str, seq_len: int, device):
+    """The benchmark model, random init (seed 0), bf16 parameters, use_cache off."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, max_position_embeddings=seq_len, rope_theta=500000.0, tie_word_embeddings=False)
+    if shape in FOG_SHAPES:
+        from .models.fog import FOGConfig, FOGForCausalLM
+
+        config, cls = FOGConfig(**common, **FOG_SHAPES[shape]), FOGForCausalLM
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config, cls = LlamaConfig(**common, **LLAMA_SHAPES[shape]), LlamaForCausalLM
+    config.use_cache = False
+    with torch.device(device):
+        model = cls(config)
+    return model.to(torch.bfloat16)
+
+
+def convert(model, mode: str):
+    """Convert `model` for `mode`; returns hf_fp8's report (None for bf16/torchao)."""
+    if mode == "bf16":
+        return None
+    if mode == "torchao":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        # Same skip as hf_fp8: the LM head stays BF16. FSDP all-gather off (single device).
+        config = Float8LinearConfig.from_recipe_name("tensorwise")
+        convert_to_float8_training(model, config=config, module_filter_fn=lambda m, name: name != "lm_head")
+        return None
+    if mode in ("hf_fp8", "hf_fp8_attn", "hf_fp8_nosync"):
+        from . import FP8Recipe, convert_model
+
+        recipe = FP8Recipe(attention=mode == "hf_fp8_attn", on_nonfinite_amax="skip" if mode == "hf_fp8_nosync" else "warn")
+        return convert_model(model, recipe)
+    raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_mode(args, mode: str) -> dict:
+    """Build, convert, (compile), warm up and time one mode; its result dict."""
+    from . import attach
+
+    device = torch.device(args.device)
+    model = build_model(args.shape, args.seq_len, device)
+    report = convert(model, mode)
+    if report is not None and not args.quiet:
+        print(report, flush=True)
+    if not args.no_compile:
+        for layer in model.model.layers:
+            layer.compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
+    if report is not None:
+        attach(model, opt)
+    gen = torch.Generator(device=device).manual_seed(1)
+    batches = [torch.randint(0, VOCAB, (args.batch_size, args.seq_len), device=device, generator=gen) for _ in range(4)]
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss, compile_s = [], None, 0.0
+    t_start = time.perf_counter()
+    for step in range(args.warmup + args.steps):
+        ids = batches[step % len(batches)]
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(device)
+        if step == args.warmup - 1:
+            compile_s = time.perf_counter() - t_start
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        loss = out.loss.item()
+    if args.profile:
+        profile_steps(args, mode, model, opt, batches)
+    median = statistics.median(times)
+    result = {
+        "tokens_per_s": args.batch_size * args.seq_len / median,
+        "step_ms_median": 1000 * median,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "compile_and_warmup_s": compile_s,
+        "loss": loss,
+    }
+    if report is not None:
+        result["fp8_flop_fraction"] = report.fp8_flop_fraction
+        result["attention_kernel"] = report.attention_kernel or None
+    del model, opt, out
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    return result
+
+
+def profile_steps(args, mode, model, opt, batches) -> None:
+    """Kernel time table of 3 training steps, written to <profile dir>/<shape>_<mode>.txt."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(3):
+            ids = batches[step % len(batches)]
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        _sync(torch.device(args.device))
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+    sort = "cuda_time_total" if ProfilerActivity.CUDA in activities else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    (out / f"{args.shape}_{mode}.txt").write_text(table)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--shape", choices=sorted(LLAMA_SHAPES) + sorted(FOG_SHAPES), default="1.5b")
+    p.add_argument("--modes", default="bf16,torchao,hf_fp8", help=f"comma-separated, of: {', '.join(MODES)}")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=4096)
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--steps", type=int, default=15, help="timed steps")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--no-compile", action="store_true", help="eager (no per-layer torch.compile)")
+    p.add_argument("--quiet", action="store_true", help="do not print the FP8 coverage reports")
+    p.add_argument("--out", default=None, help="merge the results into this JSON (shape -> mode -> numbers)")
+    p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
+
+
+def run(args) -> dict:
+    """Run every mode of `args`; print the table; merge into --out. Returns mode -> result."""
+    modes = args.modes.split(",")
+    unknown = [m for m in modes if m not in MODES]
+    if unknown:
+        raise ValueError(f"--modes: unknown {', '.join(unknown)}; expected some of {', '.join(MODES)}")
+    if args.warmup < 1 or args.steps < 1:
+        raise ValueError("--warmup and --steps must be >= 1")
+    results = {}
+    for mode in modes:
+        results[mode] = run_mode(args, mode)
+        print(mode, json.dumps(results[mode]), flush=True)
+    base = results.get("bf16", {}).get("tokens_per_s")
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}  {name}  torch {torch.__version__}")
+    print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
+    for mode, r in results.items():
+        r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
+        ratio = f"{r['ratio_vs_bf16']:.3f}" if base else "-"
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {peak:>9} "
+              f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
+    if args.out:
+        # One file for all shapes: shape -> {device, torch, batch, mode -> numbers}; a run replaces its shape.
+        path = Path(args.out)
+        data = json.loads(path.read_text()) if path.exists() else {}
+        data = {} if "results" in data else data  # an old single-shape file is replaced
+        data[args.shape] = {"device": name, "torch": torch.__version__, "batch": f"{args.batch_size}x{args.seq_len}", **results}
+        path.write_text(json.dumps(data, indent=2))
+    return results
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(p)
+    run(p.parse_args(argv))
