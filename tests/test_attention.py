@@ -275,3 +275,19 @@ def test_kernel_choice_on_cpu_is_the_reference_and_reported(monkeypatch):
     monkeypatch.setenv(cudnn_sdpa.KERNEL_ENV, "fastest")
     with pytest.raises(ValueError, match="HF_FP8_ATTENTION_KERNEL='fastest'"):
         cudnn_sdpa._check(0)
+
+
+def test_evaluation_before_any_update_uses_the_bounds_and_records_nothing():
+    """In eval mode a never-updated module must not measure first (the fused kernel would run twice
+    on every call): kernel-produced tensors take the bound scales. Still accurate: O's bound is 2 max|V|."""
+    module = _Attention(8, 2, hf_fp8.FP8Recipe(attention=True), "cpu").eval()
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 64, 128, dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 2, 64, 128, dtype=torch.bfloat16) for _ in range(2))
+    from hf_fp8.attention.reference import measures_first
+
+    assert not measures_first(module.fp8_attention_scale, record=module.training)
+    out, _ = hf_fp8_attention_forward(module, q, k, v, None, scaling=128**-0.5)
+    ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=128**-0.5, is_causal=True)
+    assert sqnr(ref, out) >= 24.0
+    assert (module.fp8_attention_scale.pending_amax == -1).all()  # evaluation records no amax

@@ -30,7 +30,7 @@ import torch
 from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
 from .reference import (
     _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V,
-    P_SCALE, cast_input, first_step_bounds, forward_output_bound,
+    P_SCALE, cast_input, first_step_bounds, forward_output_bound, measures_first,
 )  # fmt: skip
 
 _E4M3 = torch.float8_e4m3fn
@@ -226,6 +226,17 @@ def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
 
 
+_P_SCALES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _p_scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, descale) of the softmax operand, (1, 1, 1, 1) fp32 on `device`: made once, not per call."""
+    if device.index not in _P_SCALES:
+        scale = torch.full((1, 1, 1, 1), P_SCALE, device=device)
+        _P_SCALES[device.index] = (scale, 1 / scale)
+    return _P_SCALES[device.index]
+
+
 def _scalar_4d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(1, 1, 1, 1).float().contiguous()
 
@@ -244,12 +255,12 @@ def cudnn_fp8_sdpa_fwd(
     o8 = _bshd_like(q8, _E4M3)
     stats = torch.empty(*q8.shape[:3], 1, dtype=torch.float32, device=q8.device)
     amax_o, amax_s = (torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q8.device) for _ in range(2))
-    p_scale = torch.full((1, 1, 1, 1), P_SCALE, device=q8.device)
+    p_scale, p_descale = _p_scale(q8.device)
     with torch.cuda.device(q8.device):
         _handle(q8.device)
         entry = _fwd_graph(q8, k8, v8, o8, stats, softmax_scale, causal)
         data = {"q": q8, "k": k8, "v": v8, "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
-                "descale_v": _scalar_4d(descale_v), "descale_s": 1 / p_scale, "scale_s": p_scale,
+                "descale_v": _scalar_4d(descale_v), "descale_s": p_descale, "scale_s": p_scale,
                 "scale_o": _scalar_4d(scale_o), "o": o8, "stats": stats, "amax_s": amax_s, "amax_o": amax_o}  # fmt: skip
         _execute(entry, data, q8.device)
     return o8, stats, amax_o.reshape(())
@@ -271,14 +282,14 @@ def cudnn_fp8_sdpa_bwd(
     """-> dQ, dK, dV (E4M3, BSHD memory) and their amaxes plus dS's before rounding (fp32 (4,))."""
     dq8, dk8, dv8 = _bshd_like(q8, _E4M3), _bshd_like(k8, _E4M3), _bshd_like(v8, _E4M3)
     amaxes = torch.empty(4, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
-    p_scale = torch.full((1, 1, 1, 1), P_SCALE, device=q8.device)
+    p_scale, p_descale = _p_scale(q8.device)
     with torch.cuda.device(q8.device):
         _handle(q8.device)
         entry = _bwd_graph(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8, softmax_scale, causal)
         data = {"q": q8, "k": k8, "v": v8, "o": o8, "do": do8, "stats": stats,
                 "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
                 "descale_v": _scalar_4d(descale_v), "descale_o": _scalar_4d(descale_o),
-                "descale_do": _scalar_4d(descale_do), "descale_s": 1 / p_scale, "descale_dp": _scalar_4d(1 / scale_dp),
+                "descale_do": _scalar_4d(descale_do), "descale_s": p_descale, "descale_dp": _scalar_4d(1 / scale_dp),
                 "scale_s": p_scale, "scale_dq": _scalar_4d(scale_dq), "scale_dk": _scalar_4d(scale_dk),
                 "scale_dv": _scalar_4d(scale_dv), "scale_dp": _scalar_4d(scale_dp), "dq": dq8, "dk": dk8, "dv": dv8,
                 "amax_dq": amaxes[0], "amax_dk": amaxes[1], "amax_dv": amaxes[2], "amax_dp": amaxes[3]}  # fmt: skip
@@ -304,7 +315,7 @@ class _CudnnFP8Attention(torch.autograd.Function):
         v8, sv = cast_input(v, amax_v, state, _V, record)
         so = cast_scale(state, _O, forward_output_bound(amax_v))
         o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
-        if not state.updated_on_host:  # first step: that pass measured amax(O); now cast with it
+        if measures_first(state, record):  # first training step: that pass measured amax(O); now cast with it
             so = cast_scale(state, _O, amax_o)
             o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
         if record:
@@ -338,7 +349,7 @@ class _CudnnFP8Attention(torch.autograd.Function):
             return out, (s_dq, s_dk, s_dv)
 
         (dq8, dk8, dv8, grad_amaxes), grad_scales = run(bounds)
-        if not state.updated_on_host:  # first step: that pass measured the amaxes; now cast with them
+        if measures_first(state, True):  # first step: that pass measured the amaxes; now cast with them
             (dq8, dk8, dv8, grad_amaxes), grad_scales = run(grad_amaxes)
         for i, amax in zip(roles, grad_amaxes.unbind()):
             record_amax(state, i, amax)

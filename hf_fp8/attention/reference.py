@@ -24,11 +24,11 @@ Backward:
 Delayed scales: one `DelayedScale` per attention module with the nine ATTENTION_ROLES. E and P lie
 in [0, 1] and take the fixed scale P_SCALE = 448 (E4M3's max). Before its first scale update every
 tensor is scaled from its own amax, like every other hf_fp8 cast. O, dS, dQ, dK and dV are produced
-inside the fused kernel, which needs their scale before it computes them: on the first step (no
-`update_scales` yet, a host-side fact: `DelayedScale.updated_on_host` is False) the kernel runs twice, once
-to measure their amaxes; a tensor still uninitialized later (all its amaxes so far were zero) is
-scaled from an upper bound of its magnitude known in advance (`first_step_bounds`), which cannot
-overflow. Their amaxes (computed by the kernel before rounding) go into the histories like any other.
+inside the fused kernel, which needs their scale before it computes them: on the first training
+step (no `update_scales` yet, a host-side fact: `DelayedScale.updated_on_host` is False) the kernel
+runs twice, once to measure their amaxes; otherwise (evaluation, or a tensor whose amaxes so far
+were all zero) an uninitialized one is scaled from an upper bound of its magnitude known in advance
+(`first_step_bounds`), which cannot overflow. Their amaxes (computed by the kernel before rounding) go into the histories like any other.
 
 How the GEMMs are computed: `torch._scaled_mm` is 2-D only, so each GEMM here multiplies the
 FP8-rounded operands (upcast to FP32, divided by their scales) in FP32. The product of two FP8
@@ -115,10 +115,18 @@ def _sum_groups(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.view(b, h // groups, groups, k, d).sum(dim=2)
 
 
-def kernel_output_scale(state: DelayedScale, i: int, amax_now: torch.Tensor, bound: torch.Tensor) -> torch.Tensor:
+def measures_first(state: DelayedScale, record: bool) -> bool:
+    """Whether the fused kernel runs a measuring pass first: on the first training step (no
+    `update_scales` yet). Not in evaluation (`record` False): an evaluated checkpoint has its scales,
+    and a never-trained model is scaled from the bounds rather than run twice on every call."""
+    return record and not state.updated_on_host
+
+
+def kernel_output_scale(state: DelayedScale, i: int, amax_now: torch.Tensor, bound: torch.Tensor, record: bool) -> torch.Tensor:
     """Scale of a tensor the fused kernel produces (O, dS, dQ, dK, dV): its delayed scale once
-    initialized; before that its own amax `amax_now` on the first step, else the bound (module doc)."""
-    return cast_scale(state, i, amax_now if not state.updated_on_host else bound)
+    initialized; before that its own amax `amax_now` when the kernel measures first, else the bound
+    (module doc)."""
+    return cast_scale(state, i, amax_now if measures_first(state, record) else bound)
 
 
 def store_fp8(x: torch.Tensor, bound: torch.Tensor, state: DelayedScale, i: int, record: bool) -> torch.Tensor:
@@ -127,7 +135,7 @@ def store_fp8(x: torch.Tensor, bound: torch.Tensor, state: DelayedScale, i: int,
     amax = amax_of(x)
     if record:
         record_amax(state, i, amax)
-    scale = kernel_output_scale(state, i, amax, bound)
+    scale = kernel_output_scale(state, i, amax, bound, record)
     return _dequant(to_fp8(x, scale, state.dtypes[i]), scale)
 
 
