@@ -51,9 +51,10 @@ class DelayedScale(nn.Module):
         self.margin = recipe.margin
         self.on_nonfinite_amax = recipe.on_nonfinite_amax
         self._initialized_on_host: set[int] = set()
-        # Whether this process has run update_scales on this state: a host-side fact (no device
-        # read) telling the first step, before any delayed scale exists, from the steady state.
-        # A bool, not a count: torch.compile specializes on it, so it may change only once.
+        # Known on the host (no device read in the step) that every role has a delayed scale: set
+        # by update_scales from its copy of `initialized` (on CUDA an async copy read one update
+        # later). Tells the first steps from the steady state. A bool that changes once (torch.compile
+        # specializes on it), reset when a state is loaded.
         self.updated_on_host = False
         r, length = len(roles), recipe.amax_history_len
         self.register_buffer("amax_history", torch.zeros(r, length, device=device))
@@ -89,6 +90,7 @@ class DelayedScale(nn.Module):
 
     def forget_host_flags(self) -> None:
         self._initialized_on_host = set()
+        self.updated_on_host = False
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.forget_host_flags()
@@ -120,12 +122,11 @@ def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Ten
     """The scale role `i` casts with: the delayed scale, or before the first update the dynamic
     scale of the tensor at hand (`amax_now`).
 
-    Once this process has run `update_scales` on the state (`updated_on_host`, a host-side fact),
-    it is `state.scale[i]` alone: the cast then does not depend on the tensor's own amax, so it can
-    run in the same pass as the amax (torch.compile fuses them) instead of waiting for a reduction
-    over the whole tensor, which is what makes delayed scaling faster than dynamic scaling. A role
-    still uninitialized then (every amax so far was zero) casts with its current scale (1 at first)
-    until an update sees a non-zero amax. Before any update: branch-free `where`, no host sync."""
+    Once the host knows that all of the state's roles have a delayed scale (`updated_on_host`, set
+    by `update_scales` without a sync in the step), it is `state.scale[i]` alone: the cast then does
+    not depend on the tensor's own amax, so it can run in the same pass as the amax (torch.compile
+    fuses them) instead of waiting for a reduction over the whole tensor, which is what makes
+    delayed scaling faster than dynamic scaling. Before that: branch-free `where`, no host sync."""
     if state.updated_on_host:
         return state.scale[i]
     dynamic = state.scale_numerator[i] / amax_now.clamp(min=_MIN_AMAX)
@@ -215,8 +216,36 @@ def _update_scales(model: nn.Module, require_recorded: bool) -> None:
         end = start + sum(len(m.roles) for m in group)
         _update_group(group, algo, pending[start:end], valid[start:end], nonfinite[start:end])
         start = end
-    for m in modules:
-        m.updated_on_host = True
+    _note_initialized(model, modules)
+
+
+# Attribute of the model holding the async host copy of which states were fully initialized.
+_DEFERRED_INITIALIZED = "_hf_fp8_deferred_initialized"
+
+
+def _note_initialized(model: nn.Module, modules: list[DelayedScale]) -> None:
+    """Set `updated_on_host` on each state whose roles are all initialized after this update: at
+    once on CPU; on CUDA from an async copy read at the next update (no host sync in the step). A
+    step without any forward, or a module no step has used yet, leaves it False, so their first
+    casts still scale from their own amax."""
+    previous = model.__dict__.pop(_DEFERRED_INITIALIZED, None)
+    if previous is not None:
+        done, prev_modules, flags = previous
+        done.synchronize()  # recorded one optimizer step ago: long done, no stall
+        for m, ready in zip(prev_modules, flags.tolist()):
+            m.updated_on_host = m.updated_on_host or ready
+    pending = [m for m in modules if not m.updated_on_host]
+    if not pending:
+        return
+    flags = torch.stack([m.initialized.all() for m in pending])
+    if flags.device.type != "cuda":
+        for m, ready in zip(pending, flags.tolist()):
+            m.updated_on_host = ready
+        return
+    done = torch.cuda.Event()
+    flags = flags.to("cpu", non_blocking=True)
+    done.record()
+    model.__dict__[_DEFERRED_INITIALIZED] = (done, pending, flags)
 
 
 def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:

@@ -149,10 +149,10 @@ def test_delayed_scale_is_used_after_first_update():
 
 
 def test_after_the_first_update_casts_do_not_depend_on_their_own_amax():
-    """Once update_scales ran (a host-side fact), cast_scale is the stored scale alone, so under
-    torch.compile the cast need not wait for the reduction over its own tensor; before, the first
-    step is dynamic. A role still uninitialized then (here: no backward ran yet) casts with its
-    current scale, 1, until an update sees an amax."""
+    """Once update_scales has initialized every role of a state (known on the host), cast_scale is
+    the stored scale alone, so under torch.compile the cast need not wait for the reduction over its
+    own tensor; before, the first step is dynamic. A step with only a forward leaves grad_output
+    uninitialized: the state keeps the dynamic rule until a backward has been seen."""
     from hf_fp8.scaling import cast_scale
 
     layer = make_layer()
@@ -160,12 +160,30 @@ def test_after_the_first_update_casts_do_not_depend_on_their_own_amax():
     amax = torch.tensor(10.0)
     assert state.updated_on_host is False
     assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 10.0)
-    step(layer, 2.0)
-    assert state.updated_on_host is True
-    assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 2.0)  # not / 10
-    assert not state.initialized[GRAD] and cast_scale(state, GRAD, amax).item() == 1.0
+    step(layer, 2.0)  # forward only
+    assert state.updated_on_host is False
+    assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 2.0)  # delayed: initialized
+    assert cast_scale(state, GRAD, amax).item() == pytest.approx(E5M2_MAX / 10.0)  # dynamic: not yet
     step(layer, 2.0, grad_amax=0.5)
+    assert state.updated_on_host is True
+    assert cast_scale(state, INPUT, torch.tensor(float("nan"))).item() == pytest.approx(E4M3_MAX / 2.0)
     assert cast_scale(state, GRAD, amax).item() == pytest.approx(E5M2_MAX / 0.5)
+    layer.load_state_dict(make_layer().state_dict())  # a fresh, uninitialized state
+    assert state.updated_on_host is False
+    assert cast_scale(state, INPUT, amax).item() == pytest.approx(E4M3_MAX / 10.0)
+
+
+def test_an_optimizer_step_without_forward_keeps_the_first_step_dynamic():
+    """An attached optimizer step before any forward (e.g. creating optimizer state to load a
+    checkpoint into) must not make the first real step cast with the placeholder scale 1."""
+    from hf_fp8.scaling import cast_scale
+
+    layer = make_layer()
+    opt = torch.optim.SGD(layer.parameters(), lr=0.0)
+    hf_fp8.attach(layer, opt)
+    opt.step()
+    assert layer.fp8_scale.updated_on_host is False
+    assert cast_scale(layer.fp8_scale, INPUT, torch.tensor(1e4)).item() == pytest.approx(E4M3_MAX / 1e4)
 
 
 def test_nonfinite_amax_is_skipped_counted_and_warned():
@@ -357,3 +375,16 @@ def test_host_initialized_flag_is_remembered_and_forgotten_on_load():
     assert layer.fp8_scale.initialized_on_host(WEIGHT)
     layer.load_state_dict(fresh_state)  # back to an uninitialized state
     assert not layer.fp8_scale.initialized_on_host(WEIGHT)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the asynchronous copy exists on CUDA only (run on the GPU machine)")
+def test_cuda_steady_state_is_known_one_update_late_without_sync():
+    """On CUDA, update_scales learns that a state is fully initialized from an async copy read at
+    the next update: the second step still casts with the `where` rule, the third with the scale."""
+    torch.manual_seed(0)
+    layer = hf_fp8.FP8Linear(32, 16, device="cuda")
+    for expected in (False, True, True):
+        x = torch.randn(16, 32, device="cuda", requires_grad=True)
+        layer(x).sum().backward()
+        hf_fp8.update_scales(layer)
+        assert layer.fp8_scale.updated_on_host is expected
