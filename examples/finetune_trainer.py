@@ -92,15 +92,6 @@ class StepTimer(TrainerCallback):
         return control
 
 
-def fp8_coverage(report) -> dict:
-    """The FP8 part of the summary: layers converted out of all GEMM layers, share of GEMM FLOPs."""
-    if report is None:
-        return {"fp8_layers": 0, "gemm_layers": None, "fp8_flop_fraction": 0.0}
-    gemm_layers = len([r for r in report.rows if r.kind != "attention"])
-    return {"fp8_layers": len(report.converted), "gemm_layers": gemm_layers,
-            "fp8_flop_fraction": round(report.fp8_flop_fraction, 4), "fp8_flops_context": report.context}
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tiny", action="store_true", help="tiny random Llama, byte tokens, generated text (CPU)")
@@ -202,7 +193,7 @@ def main(argv=None) -> None:
                          else round(tokens_per_step * trainer.state.global_step / result.metrics["train_runtime"], 1)),
         "train_runtime_s": round(result.metrics["train_runtime"], 2),
         "peak_cuda_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        **fp8_coverage(fp8.report),
+        **(fp8.report.summary() if fp8.report is not None else {"fp8_layers": 0}),
         "fp8_scale_updates": fp8.scale_updates,
         "fp8_anomalies": len(fp8.anomalies),
     }

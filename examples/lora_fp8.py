@@ -53,13 +53,6 @@ def tokenize_text(tokenizer, text: str, chunk_chars: int = 1 << 16) -> list[int]
     return ids
 
 
-def fp8_coverage(report) -> dict:
-    """The FP8 part of the summary: layers converted out of all GEMM layers, share of GEMM FLOPs."""
-    gemm_layers = len([r for r in report.rows if r.kind != "attention"])
-    return {"fp8_layers": len(report.converted), "gemm_layers": gemm_layers,
-            "fp8_flop_fraction": round(report.fp8_flop_fraction, 4), "fp8_flops_context": report.context}
-
-
 def sync(device: str) -> float:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -159,7 +152,7 @@ def main(argv=None) -> None:
         "last_loss": losses[-1] if losses else None,
         "tokens_per_s": round(tokens_per_step * (len(losses) - 1) / (t_last - t_first), 1) if len(losses) > 1 else None,
         "peak_cuda_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if cuda else None,
-        **fp8_coverage(report),
+        **report.summary(),
     }
 
     if not args.no_save:

@@ -49,8 +49,25 @@ class FP8Report:
     attention_kernel: str = ""  # which FP8 attention kernel runs (cuDNN fused or the reference), and why
     rows: list[_Row] = field(default_factory=list, repr=False)
 
+    @property
+    def gemm_layers(self) -> int:
+        """GEMM layers of the model (converted or not), attention not counted."""
+        return len(self.converted) + len([r for r in self.rows if not r.fp8 and r.kind != "attention"])
+
+    def summary(self) -> dict:
+        """The coverage as a JSON-ready dict, for logs and run summaries."""
+        return {
+            "fp8_layers": len(self.converted),
+            "gemm_layers": self.gemm_layers,
+            "fp8_flop_fraction": round(self.fp8_flop_fraction, 4),
+            "fp8_flops_context": self.context,
+            "fp8_attention": bool(self.attention_modules),
+            "attention_kernel": self.attention_kernel or None,
+            "skipped": dict(self.skipped),
+        }
+
     def __str__(self) -> str:
-        total_layers = len(self.converted) + len([r for r in self.rows if not r.fp8 and r.kind != "attention"])
+        total_layers = self.gemm_layers
         lines = [
             f"hf_fp8 coverage: {len(self.converted)}/{total_layers} GEMM layers in FP8, "
             f"{100 * self.fp8_flop_fraction:.1f}% of GEMM FLOPs per token"

@@ -591,3 +591,16 @@ def test_torch_compile_converted_llama_decoder_layer():
         assert dict(torch._dynamo.utils.counters["graph_break"]) == {}
     finally:
         torch._dynamo.reset()
+
+
+def test_report_summary_is_json_ready():
+    import json
+
+    config = transformers.LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    report = convert_model(transformers.LlamaForCausalLM(config), FP8Recipe(attention=True))
+    summary = json.loads(json.dumps(report.summary()))
+    assert summary["fp8_layers"] == 14 and summary["gemm_layers"] == 15  # 2 x 7 linears, + lm_head
+    assert summary["fp8_attention"] is True and "reference" in summary["attention_kernel"]
+    assert summary["skipped"] == {"lm_head": "skip pattern 'lm_head' (recipe.skip)"}
+    assert summary["fp8_flop_fraction"] == round(report.fp8_flop_fraction, 4)
