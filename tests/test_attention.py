@@ -291,3 +291,15 @@ def test_evaluation_before_any_update_uses_the_bounds_and_records_nothing():
     ref, _ = sdpa_attention_forward(module, q, k, v, None, scaling=128**-0.5, is_causal=True)
     assert sqnr(ref, out) >= 24.0
     assert (module.fp8_attention_scale.pending_amax == -1).all()  # evaluation records no amax
+
+
+def test_cudnn_graph_cache_is_bounded(monkeypatch):
+    """One cuDNN graph per attention shape: with varying sequence lengths the cache drops its oldest
+    graphs instead of growing without bound."""
+    from hf_fp8.attention import cudnn_sdpa
+
+    monkeypatch.setattr(cudnn_sdpa, "_GRAPHS", {})
+    for i in range(cudnn_sdpa._MAX_GRAPHS + 5):
+        cudnn_sdpa._remember(("fwd", i), ("graph", i))
+    assert len(cudnn_sdpa._GRAPHS) == cudnn_sdpa._MAX_GRAPHS
+    assert ("fwd", 0) not in cudnn_sdpa._GRAPHS and ("fwd", cudnn_sdpa._MAX_GRAPHS + 4) in cudnn_sdpa._GRAPHS

@@ -120,7 +120,17 @@ def kernel_for(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal
 # ---- graphs ---------------------------------------------------------------------------------------
 
 _HANDLES: dict[int, object] = {}
-_GRAPHS: dict[tuple, tuple] = {}
+_GRAPHS: dict[tuple, tuple] = {}  # (direction, device, layouts, scale, causal) -> built graph
+# Built graphs kept at most (oldest dropped first): one per shape; varying sequence lengths would
+# otherwise grow the cache without bound (each graph holds cuDNN plans).
+_MAX_GRAPHS = 64
+
+
+def _remember(key: tuple, entry: tuple) -> tuple:
+    if len(_GRAPHS) >= _MAX_GRAPHS:
+        _GRAPHS.pop(next(iter(_GRAPHS)))
+    _GRAPHS[key] = entry
+    return entry
 
 
 def _handle(device: torch.device):
@@ -183,7 +193,7 @@ def _fwd_graph(q8, k8, v8, o8, stats, softmax_scale: float, causal: bool):
         _set_output(st, stats)
         for amax in (amax_s, amax_o):
             amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(_cudnn.data_type.FLOAT)
-        _GRAPHS[key] = _build(g, {**ins, "o": o, "stats": st, "amax_s": amax_s, "amax_o": amax_o})
+        return _remember(key, _build(g, {**ins, "o": o, "stats": st, "amax_s": amax_s, "amax_o": amax_o}))
     return _GRAPHS[key]
 
 
@@ -208,7 +218,7 @@ def _bwd_graph(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8, softmax_scale: float, 
         amaxes = {"amax_dq": amax_dq, "amax_dk": amax_dk, "amax_dv": amax_dv, "amax_dp": amax_dp}
         for amax in amaxes.values():
             amax.set_output(True).set_dim([1, 1, 1, 1]).set_stride([1, 1, 1, 1]).set_data_type(_cudnn.data_type.FLOAT)
-        _GRAPHS[key] = _build(g, {**ins, "dq": dq, "dk": dk, "dv": dv, **amaxes})
+        return _remember(key, _build(g, {**ins, "dq": dq, "dk": dk, "dv": dv, **amaxes}))
     return _GRAPHS[key]
 
 
