@@ -189,6 +189,11 @@ def build_data(args):
 # ---------------------------------------------------------------------------------------- model
 
 
+def _shape(shape: dict, args) -> dict:
+    """The shape dict, with --layers applied."""
+    return {**shape, "num_hidden_layers": args.layers} if args.layers else shape
+
+
 def build_model(args, vocab_size: int):
     shape = "tiny" if args.tiny else "default"
     # Round the vocabulary up to a multiple of 64 (GEMM-friendly; the extra rows are never targets).
@@ -198,14 +203,14 @@ def build_model(args, vocab_size: int):
         from transformers import LlamaConfig, LlamaForCausalLM
 
         config = LlamaConfig(vocab_size=vocab, max_position_embeddings=args.seq_len, rope_theta=500000.0,
-                             tie_word_embeddings=False, **LLAMA_SHAPES[shape])
+                             tie_word_embeddings=False, **_shape(LLAMA_SHAPES[shape], args))
         config.use_cache = False
         model = LlamaForCausalLM(config)
     else:
         import hf_fp8
 
         config = hf_fp8.FOGConfig(variant=args.model, vocab_size=vocab, max_position_embeddings=args.seq_len,
-                                  rope_theta=500000.0, tie_word_embeddings=False, use_cache=False, **FOG_SHAPES[shape])
+                                  rope_theta=500000.0, tie_word_embeddings=False, use_cache=False, **_shape(FOG_SHAPES[shape], args))
         model = hf_fp8.FOGForCausalLM(config)
     return model
 
@@ -532,6 +537,8 @@ def parse_args(argv=None):
     p.add_argument("--tag", default="parity", help="third part of the result name (e.g. parity, stress)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 MB of text, vocab 1024 (CPU smoke runs)")
     p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--layers", type=int, default=None,
+                   help="decoder layers (default 12; 2 with --tiny): 18 gives ~125M parameters at vocab 8192")
     p.add_argument("--batch-size", type=int, default=None, help="blocks per step (16; 4 with --tiny)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens per block (1024; 64 with --tiny)")
     p.add_argument("--lr", type=float, default=6e-4)

@@ -97,3 +97,10 @@ def test_import_log_rebuilds_the_printed_subset(results, tmp_path):
         assert s["fp8/kurtosis/qkv_mean"] == pytest.approx(stats[s["step"]]["fp8/kurtosis/qkv_mean"], abs=0.006)
     _run(["--plot", "--plot-tag", "smoke", "--out-dir", str(tmp_path), "--plot-dir", str(tmp_path / "plots")])
     assert (tmp_path / "plots" / "smoke_loss.png").stat().st_size > 1000
+
+
+def test_layers_option(tmp_path):
+    _run(["--tiny", "--steps", "2", "--eval-every", "0", "--stats-every", "0", "--layers", "3", "--mode", "bf16",
+          "--tag", "layers", "--device", "cpu", "--out-dir", str(tmp_path)])
+    r = json.loads((tmp_path / "llama_bf16_layers.json").read_text())
+    assert r["model_config"]["num_hidden_layers"] == 3 and r["completed_steps"] == 2
