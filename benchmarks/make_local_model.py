@@ -48,6 +48,8 @@ import os
 import time
 from pathlib import Path
 
+from hf_fp8._data import python_source_files
+
 SHAPES = {
     "llama-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                      num_key_value_heads=8, vocab_size=32768, max_position_embeddings=4096),
@@ -62,12 +64,7 @@ SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 def stdlib_files() -> list[Path]:
     """*.py under the standard library directory (os.__file__'s), sorted by relative path; installed
     packages, bytecode caches and the per-machine _sysconfigdata* left out."""
-    root = os.path.dirname(os.__file__)
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in SKIP_DIRS)
-        files.extend(Path(directory, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata"))
-    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+    return python_source_files(os.path.dirname(os.__file__), SKIP_DIRS)
 
 
 def read_text(text_file: str | None, max_bytes: int) -> tuple[list[str], str]:

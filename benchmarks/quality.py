@@ -65,6 +65,8 @@ from pathlib import Path
 
 import torch
 
+from hf_fp8._data import python_source_files, stdlib_source_files
+
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT_DIR = ROOT / "benchmarks" / "results" / "quality"
 DEFAULT_PLOT_DIR = ROOT / "benchmarks" / "plots"
@@ -94,24 +96,7 @@ def stdlib_files(include_tests: bool = True) -> list[Path]:
     """The stdlib's *.py files sorted by relative path: installed packages, bytecode caches and the
     generated codec tables (encodings/) left out; the stdlib's own test suite too unless include_tests
     (it roughly triples the text: ~34 MB instead of ~11 MB on CPython 3.11)."""
-    root = sysconfig.get_paths().get("stdlib")
-    if not root or not os.path.isdir(root):
-        return []
-    skip = _SKIP_DIRS if include_tests else _SKIP_DIRS | _TEST_DIRS
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in skip)
-        files.extend(Path(directory, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata"))
-    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
-
-
-def python_files(root: str) -> list[Path]:
-    """*.py under root (bytecode caches left out), sorted by relative path."""
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d != "__pycache__")
-        files.extend(Path(directory, n) for n in names if n.endswith(".py"))
-    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+    return stdlib_source_files(_SKIP_DIRS if include_tests else _SKIP_DIRS | _TEST_DIRS)
 
 
 def read_documents(max_bytes: int, heldout_every: int, include_tests: bool = True,
@@ -120,7 +105,7 @@ def read_documents(max_bytes: int, heldout_every: int, include_tests: bool = Tru
     `text_dirs`, in sorted order until max_bytes; every heldout_every-th file (the 0th, k-th, 2k-th,
     ...) is held out."""
     train, heldout, total, n = [], [], 0, 0
-    paths = stdlib_files(include_tests) + [p for d in text_dirs for p in python_files(d)]
+    paths = stdlib_files(include_tests) + [p for d in text_dirs for p in python_source_files(d)]
     for path in paths:
         if total >= max_bytes:
             break

@@ -57,20 +57,23 @@ def decode(ids) -> str:
     return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
 
 
-def stdlib_source_files() -> list[Path]:
+def python_source_files(root: str | os.PathLike, skip_dirs: set[str] = frozenset({"__pycache__"})) -> list[Path]:
+    """The .py files under `root`, sorted by path relative to it, without descending into `skip_dirs`.
+    _sysconfigdata* is generated per machine; leaving it out keeps a corpus portable."""
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        # Pruning in place keeps os.walk out of skipped trees (site-packages is often far larger).
+        subdirs[:] = sorted(d for d in subdirs if d not in skip_dirs)
+        files.extend(Path(directory, n) for n in names if n.endswith(".py") and not n.startswith("_sysconfigdata"))
+    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+
+
+def stdlib_source_files(skip_dirs: set[str] = _SKIPPED_STDLIB_DIRS) -> list[Path]:
     """The standard library's .py files on this machine, sorted by path relative to the stdlib root."""
     root = sysconfig.get_paths().get("stdlib")
     if not root or not os.path.isdir(root):
         return []
-    files = []
-    for directory, subdirs, names in os.walk(root):
-        # Pruning in place keeps os.walk out of site-packages (often far larger than the stdlib).
-        subdirs[:] = sorted(d for d in subdirs if d not in _SKIPPED_STDLIB_DIRS)
-        for name in names:
-            # _sysconfigdata* is generated per machine; leaving it out keeps the corpus portable.
-            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
-                files.append(Path(directory, name))
-    return sorted(files, key=lambda path: path.relative_to(root).as_posix())
+    return python_source_files(root, skip_dirs)
 
 
 def read_stdlib_documents(max_bytes: int) -> list[bytes]:

@@ -28,7 +28,7 @@ from pathlib import Path
 # imports torchao.
 import hf_fp8
 from hf_fp8 import FP8Recipe, attach, convert_model
-from hf_fp8 import _data
+from hf_fp8 import _data, bench as _bench
 
 import torch
 import transformers
@@ -176,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and print the card; contact nothing")
     push.set_defaults(handler=run_push)
 
-    bench = commands.add_parser(
+    bench_parser = commands.add_parser(
         "bench",
         help="time training steps of BF16, torchao and hf_fp8 on one GPU (ratios to BF16, same run)",
         description=(
@@ -185,20 +185,16 @@ def build_parser() -> argparse.ArgumentParser:
             "Per-decoder-layer torch.compile, random tokens, median step time after warm-up."
         ),
     )
-    from . import bench as bench_module
-
-    bench_module.add_arguments(bench)
-    bench.set_defaults(handler=run_bench)
+    _bench.add_arguments(bench_parser)
+    bench_parser.set_defaults(handler=run_bench)
     return parser
 
 
 def run_bench(args) -> None:
-    from . import bench
-
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda but no CUDA device is available (use --device cpu for a smoke run)")
     try:
-        bench.run(args)
+        _bench.run(args)
     except ValueError as error:
         raise UsageError(str(error)) from None
 
