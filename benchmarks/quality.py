@@ -554,6 +554,8 @@ def parse_args(argv=None):
     p.add_argument("--import-log", nargs="+", metavar="LOG", help="only rebuild result JSONs (into --out-dir) from console logs")
     p.add_argument("--plot-dir", default=str(DEFAULT_PLOT_DIR))
     args = p.parse_args(argv)
+    if args.layers is not None and args.layers < 1:
+        p.error(f"--layers must be >= 1, got {args.layers}")
     defaults = TINY_DEFAULTS if args.tiny else FULL_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:

@@ -104,3 +104,5 @@ def test_layers_option(tmp_path):
           "--tag", "layers", "--device", "cpu", "--out-dir", str(tmp_path)])
     r = json.loads((tmp_path / "llama_bf16_layers.json").read_text())
     assert r["model_config"]["num_hidden_layers"] == 3 and r["completed_steps"] == 2
+    bad = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--layers", "0"], cwd=ROOT, capture_output=True, text=True)
+    assert bad.returncode == 2 and "--layers must be >= 1" in bad.stderr
