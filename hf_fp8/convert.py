@@ -63,8 +63,17 @@ class FP8Report:
             "fp8_flops_context": self.context,
             "fp8_attention": bool(self.attention_modules),
             "attention_kernel": self.attention_kernel or None,
-            "skipped": dict(self.skipped),
+            "skipped": self.skipped_by_pattern(),
         }
+
+    def skipped_by_pattern(self) -> dict[str, str]:
+        """`skipped` with per-layer names folded as in the table: "model.layers.*.mlp.x (x16)" -> reason,
+        so a 16-layer LoRA model lists its adapters in 14 entries rather than 224."""
+        groups: dict[tuple[str, str], int] = {}
+        for name, reason in self.skipped.items():
+            key = (_layer_pattern(name), reason)
+            groups[key] = groups.get(key, 0) + 1
+        return {f"{pattern} (x{n})" if n > 1 else pattern: reason for (pattern, reason), n in groups.items()}
 
     def __str__(self) -> str:
         total_layers = self.gemm_layers
@@ -83,7 +92,7 @@ class FP8Report:
             lines.append(f"FP8 attention kernel: {self.attention_kernel}")
         groups: dict[tuple, list[_Row]] = {}
         for row in self.rows:
-            key = (re.sub(r"\.\d+\.", ".*.", row.name), row.kind, row.fp8, row.reason)
+            key = (_layer_pattern(row.name), row.kind, row.fp8, row.reason)
             groups.setdefault(key, []).append(row)
         total = sum(r.flops_per_token for r in self.rows) or 1
         labels = {key: f"{key[0]} (x{len(rows)})" if len(rows) > 1 else key[0] for key, rows in groups.items()}
@@ -94,6 +103,11 @@ class FP8Report:
             share = 100 * sum(r.flops_per_token for r in rows) / total
             lines.append(f"  {'FP8' if fp8 else 'high':<9} {labels[key]:<{width}}  {kind:<24} {share:5.1f}%  {reason}".rstrip())
         return "\n".join(lines)
+
+
+def _layer_pattern(name: str) -> str:
+    """model.layers.3.mlp.up_proj -> model.layers.*.mlp.up_proj"""
+    return re.sub(r"\.\d+\.", ".*.", name)
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> str | None:

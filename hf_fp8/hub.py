@@ -425,7 +425,7 @@ def model_card(
         language=language,
         pipeline_tag="text-generation" if arch.endswith("ForCausalLM") else None,
     )
-    skipped = dict(getattr(report, "skipped", None) or {})
+    skipped = report.skipped_by_pattern() if report is not None else {}
     text = template_path().read_text()
     card = ModelCard.from_template(
         card_data,

@@ -153,3 +153,16 @@ def test_plain_convert_model_never_converts_lora_adapters():
     assert len(adapters) == 4 and all("PEFT LoRA adapter" in report.skipped[n] for n in adapters)
     assert any(n.endswith("q_proj.base_layer") for n in report.converted)
     assert type(model.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"]) is torch.nn.Linear
+
+
+def test_summary_folds_per_layer_adapter_names():
+    """summary() (the examples' JSON line, the model card) lists the adapters of every layer under one
+    pattern with a count: before, a 16-layer LoRA run printed 225 entries."""
+    torch.manual_seed(1)
+    model = get_peft_model(tiny_llama(), LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS))
+    report = convert_peft_model(model)  # 2 layers x 7 targets x (A, B) adapters skipped
+    summary = report.summary()["skipped"]
+    assert len(report.skipped) == 2 * 2 * len(TARGETS) + 1  # + lm_head
+    pattern = "base_model.model.model.layers.*.self_attn.q_proj.lora_A.default (x2)"
+    assert summary[pattern] == report.skipped["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default"]
+    assert len(summary) == 2 * len(TARGETS) + 1
