@@ -2,10 +2,16 @@
 FP8 attention (whatever `hf_fp8_attention_forward` picks: cuDNN's fused FP8 kernel on sm_90 with
 nvidia-cudnn-frontend at head dim 128, else the pure-PyTorch reference).
 
-Causal, batch x heads x seq x head_dim as given; time = median of CUDA-event-timed iterations after
-warm-up, including the FP8 casts and amax bookkeeping (the scale update runs between iterations, as
-once per optimizer step, and is not timed). Both functions run under torch.compile (as inside a
-compiled decoder layer: the casts fuse) unless --eager. Writes JSON with --out.
+Causal, batch x heads x seq x head_dim as given, Q/K/V laid out as a HF model hands them over
+(`--layout bshd`: transposed views of (B, S, H, D) projections) or contiguous (B, H, S, D). Both
+functions run under torch.compile (as inside a compiled decoder layer: the casts fuse) unless --eager.
+Three numbers per function, all including the FP8 casts, amax recording and dequantization (the
+scale update, once per optimizer step in training, runs between the timed regions):
+- latency: median of CUDA-event-timed single calls, the GPU idle before each (host time shows here);
+- throughput: `--iters` calls back to back, as the layers of a training step queue them, total / iters;
+- host: CPU wall time to enqueue one call (median), to tell host-bound from GPU-bound.
+--profile DIR also writes a torch.profiler table (self CPU time and CUDA time per op) and a Chrome
+trace of 3 back-to-back FP8 calls per case. Writes JSON with --out.
 
   python benchmarks/attention.py --out results/attention.json
 """
@@ -15,6 +21,8 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -33,23 +41,70 @@ class _Attention(nn.Module):
         self.fp8_attention_scale = new_attention_scales(recipe, device="cuda")
 
 
-def time_fwd_bwd(fn, module, q, k, v, grad, warmup: int, iters: int, compiled: bool) -> float:
-    call = torch.compile(fn) if compiled else fn
-    times = []
-    for i in range(warmup + iters):
-        qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+def _inputs(b, h, kv, s, d, layout: str):
+    """q (B, H, S, D), k/v (B, KV, S, D) bf16; grad of the (B, S, H, D) output."""
+    def make(heads):
+        if layout == "bshd":  # what `proj(x).view(B, S, H, D).transpose(1, 2)` gives
+            return torch.randn(b, s, heads, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+        return torch.randn(b, heads, s, d, device="cuda", dtype=torch.bfloat16)
+
+    return make(h), make(kv), make(kv), torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+
+
+def _call(call, module, q, k, v, grad):
+    qi, ki, vi = (t.detach().requires_grad_() for t in (q, k, v))
+    out, _ = call(module, qi, ki, vi, None, scaling=q.shape[-1] ** -0.5)
+    out.backward(grad)
+
+
+def time_fwd_bwd(call, module, q, k, v, grad, warmup: int, iters: int, is_fp8: bool) -> dict:
+    def update():  # once per optimizer step in training: between timed regions here
+        if is_fp8:
+            hf_fp8.update_scales(module)
+
+    for _ in range(warmup):
+        _call(call, module, q, k, v, grad)
+        update()
+    torch.cuda.synchronize()
+    latency, host = [], []
+    for _ in range(iters):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        out, _ = call(module, qi, ki, vi, None, scaling=q.shape[-1] ** -0.5)
-        out.backward(grad)
+        t0 = time.perf_counter()
+        _call(call, module, q, k, v, grad)
+        host.append((time.perf_counter() - t0) * 1e3)
         end.record()
         torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(start.elapsed_time(end))
-        if fn is hf_fp8_attention_forward:
-            torch.cuda.synchronize()
-            hf_fp8.update_scales(module)
-    return statistics.median(times)
+        latency.append(start.elapsed_time(end))
+        update()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):  # as the layers of one step: the next call queued while the GPU works
+        _call(call, module, q, k, v, grad)
+    end.record()
+    torch.cuda.synchronize()
+    update()
+    return {"latency_ms": statistics.median(latency), "throughput_ms": start.elapsed_time(end) / iters,
+            "host_ms": statistics.median(host)}  # fmt: skip
+
+
+def profile_fp8(call, module, q, k, v, grad, out_dir: Path, case: str) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            _call(call, module, q, k, v, grad)
+        torch.cuda.synchronize()
+    hf_fp8.update_scales(module)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    averages = prof.key_averages()
+    text = (f"# {case}: 3 back-to-back FP8 calls (forward + backward)\n\n## by self CPU time\n"
+            + averages.table(sort_by="self_cpu_time_total", row_limit=30)
+            + "\n## by CUDA time\n" + averages.table(sort_by="cuda_time_total", row_limit=30))  # fmt: skip
+    (out_dir / f"attention_{case}.txt").write_text(text)
+    prof.export_chrome_trace(str(out_dir / f"attention_{case}.trace.json"))
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
 def main():
@@ -57,31 +112,46 @@ def main():
     p.add_argument("--cases", default="4x16x4096x128,2x16x8192x128,4x16x4096x64,2x16x8192x64",
                    help="comma-separated BATCHxHEADSxSEQxHEAD_DIM")
     p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--layout", choices=["bshd", "bhsd"], default="bshd",
+                   help="memory layout of Q/K/V: bshd as HF projections give them (default), bhsd contiguous")
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--eager", action="store_true", help="no torch.compile")
+    p.add_argument("--profile", default=None, metavar="DIR", help="also write a profiler table and trace per case")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     results = {}
-    print(f"{'case':<18} {'sdpa bf16 ms':>12} {'hf_fp8 ms':>10} {'speedup':>8}")
+    header = f"{'case':<18} {'':>10} {'latency ms':>10} {'thru ms':>8} {'host ms':>8} {'vs SDPA (lat/thru)':>19}"
+    print(header)
     for case in args.cases.split(","):
         b, h, s, d = map(int, case.split("x"))
         torch.manual_seed(0)
-        q = torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16)
-        k = torch.randn(b, args.kv_heads, s, d, device="cuda", dtype=torch.bfloat16)
-        v = torch.randn(b, args.kv_heads, s, d, device="cuda", dtype=torch.bfloat16)
-        grad = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+        q, k, v, grad = _inputs(b, h, args.kv_heads, s, d, args.layout)
         module = _Attention(h, args.kv_heads).train()
-        sdpa = time_fwd_bwd(sdpa_attention_forward, module, q, k, v, grad, args.warmup, args.iters, not args.eager)
-        fp8 = time_fwd_bwd(hf_fp8_attention_forward, module, q, k, v, grad, args.warmup, args.iters, not args.eager)
-        results[case] = {"sdpa_bf16_ms": sdpa, "hf_fp8_ms": fp8, "speedup_vs_sdpa": sdpa / fp8}
-        print(f"{case:<18} {sdpa:>12.2f} {fp8:>10.2f} {sdpa / fp8:>8.3f}", flush=True)
+        row = {}
+        for name, fn in (("sdpa_bf16", sdpa_attention_forward), ("hf_fp8", hf_fp8_attention_forward)):
+            # Static shapes per case, as in training: after a shape change torch.compile would
+            # otherwise recompile with dynamic shapes, and AOTAutograd then copies the incoming
+            # gradient to a contiguous layout (~0.1 ms at 8192 on the H200).
+            call = fn if args.eager else torch.compile(fn, dynamic=False)
+            row[name] = time_fwd_bwd(call, module, q, k, v, grad, args.warmup, args.iters, fn is hf_fp8_attention_forward)
+            if args.profile and fn is hf_fp8_attention_forward:
+                profile_fp8(call, module, q, k, v, grad, Path(args.profile), case)
+        sdpa, fp8 = row["sdpa_bf16"], row["hf_fp8"]
+        row["speedup_latency"] = sdpa["latency_ms"] / fp8["latency_ms"]
+        row["speedup_throughput"] = sdpa["throughput_ms"] / fp8["throughput_ms"]
+        results[case] = row
+        for name in ("sdpa_bf16", "hf_fp8"):
+            r = row[name]
+            ratio = f"{row['speedup_latency']:.3f} / {row['speedup_throughput']:.3f}" if name == "hf_fp8" else ""
+            print(f"{case:<18} {name:>10} {r['latency_ms']:>10.2f} {r['throughput_ms']:>8.2f} {r['host_ms']:>8.2f} {ratio:>19}", flush=True)
         del q, k, v, grad
         torch.cuda.empty_cache()
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "causal": True,
-                       "kv_heads": args.kv_heads, "compiled": not args.eager, "results": results}, f, indent=2)
+                       "kv_heads": args.kv_heads, "layout": args.layout, "compiled": not args.eager,
+                       "results": results}, f, indent=2)  # fmt: skip
 
 
 if __name__ == "__main__":

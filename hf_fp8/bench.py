@@ -154,7 +154,7 @@ def profile_steps(args, mode, model, opt, batches) -> None:
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
     sort = "cuda_time_total" if ProfilerActivity.CUDA in activities else "cpu_time_total"
-    table = prof.key_averages().table(sort_by=sort, row_limit=40, max_name_column_width=90)
+    table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=90)
     (out / f"{args.shape}_{mode}.txt").write_text(table)
 
 

@@ -303,3 +303,20 @@ def test_cudnn_graph_cache_is_bounded(monkeypatch):
         cudnn_sdpa._remember(("fwd", i), ("graph", i))
     assert len(cudnn_sdpa._GRAPHS) == cudnn_sdpa._MAX_GRAPHS
     assert ("fwd", 0) not in cudnn_sdpa._GRAPHS and ("fwd", cudnn_sdpa._MAX_GRAPHS + 4) in cudnn_sdpa._GRAPHS
+
+
+def test_amax_of_transposed_views_reduces_in_memory_order():
+    """Q/K/V arrive as (B, H, S, D) views of (B, S, H, D) memory; amax_of reduces them in memory
+    order (under torch.compile the logical order read memory with a stride: ~4x slower on the H200)
+    and must give exactly the amax of a contiguous copy."""
+    from hf_fp8.scaling import amax_of, in_memory_order
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 24, 4, 16).transpose(1, 2)  # (B, H, S, D) view of (B, S, H, D) memory
+    dense, back = in_memory_order(x)
+    assert dense.is_contiguous() and back is not None and torch.equal(dense.permute(back), x)
+    assert amax_of(x) == x.contiguous().abs().max()
+    compiled = torch.compile(amax_of, backend="inductor", fullgraph=True)
+    assert compiled(x) == x.contiguous().abs().max()
+    assert in_memory_order(x.contiguous())[1] is None  # contiguous tensors are left alone
+    assert in_memory_order(x[:, :, ::2])[1] is None  # so are views no permutation makes dense
