@@ -397,16 +397,21 @@ def run(args) -> dict:
 # ----------------------------------------------------------------------------------------- plot
 
 PLOTS = {
-    # file stem: (title, y label, source list, key, log y, ema smoothing)
+    # file stem: (title, y label, source list, key, log y, ema smoothing); log y "symlog": log above
+    # SYMLOG_LINTHRESH, linear below it, so zeros stay on the plot (overflow is often exactly 0)
     "loss": ("training loss", "loss", "log", "loss", False, True),
     "eval_loss": ("held-out loss", "loss", "eval", "loss", False, False),
     "grad_norm": ("gradient norm (pre-clip)", "grad norm", "log", "grad_norm", True, True),
     "kurtosis_qkv": ("QKV kurtosis (mean over blocks)", "kurtosis", "stats", "fp8/kurtosis/qkv_mean", True, False),
     "kurtosis_qkv_max": ("QKV kurtosis (max over blocks)", "kurtosis", "stats", "fp8/kurtosis/qkv_max", True, False),
     "kurtosis_mlp_down": ("MLP down-proj input kurtosis (mean)", "kurtosis", "stats", "fp8/kurtosis/mlp_down_input_mean", True, False),
-    "overflow": ("FP8 overflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/overflow_max", False, False),
-    "underflow": ("FP8 underflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/underflow_max", False, False),
+    "kurtosis_block_output": ("block output kurtosis (mean over blocks)", "kurtosis", "stats", "fp8/kurtosis/block_output_mean", True, False),
+    "kurtosis_block_output_max": ("block output kurtosis (max over blocks)", "kurtosis", "stats", "fp8/kurtosis/block_output_max", True, False),
+    "overflow": ("FP8 overflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/overflow_max", "symlog", False),
+    "underflow": ("FP8 underflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/underflow_max", True, False),
 }
+
+SYMLOG_LINTHRESH = 1e-8  # below the smallest nonzero fraction of a 16 x 1024 x 3072 tensor (2e-8)
 
 
 def ema(values: list, alpha: float = 0.05) -> list:
@@ -496,7 +501,9 @@ def plot(out_dir: Path, plot_dir: Path, tag: str | None = None) -> list[Path]:
         if not drawn:
             plt.close(fig)
             continue
-        if logy and all(v > 0 for line in ax.lines for v in line.get_ydata() if v == v):
+        if logy == "symlog":
+            ax.set_yscale("symlog", linthresh=SYMLOG_LINTHRESH)
+        elif logy and all(v > 0 for line in ax.lines for v in line.get_ydata() if v == v):
             ax.set_yscale("log")
         ax.set_title(title)
         ax.set_xlabel("step")
