@@ -38,6 +38,8 @@ class FP8Report:
     token that run in FP8 (attention QK^T/P.V counted at `context` tokens, PaLM-MFU style).
     `attention_modules`: attention modules running `hf_fp8` FP8 attention (recipe.attention=True);
     when the recipe asks for FP8 attention and the model cannot have it, `skipped["attention"]` says why.
+    `shared_input_scales`: groups of sibling linears casting their common input once
+    ("model.layers.0.self_attn: q_proj, k_proj, v_proj"; recipe.share_input_scales).
     `str(report)` is a readable table (layers of a stack grouped as `layers.*`)."""
 
     converted: list[str] = field(default_factory=list)
@@ -47,6 +49,7 @@ class FP8Report:
     recipe: FP8Recipe | None = None
     attention_modules: list[str] = field(default_factory=list)
     attention_kernel: str = ""  # which FP8 attention kernel runs (cuDNN fused or the reference), and why
+    shared_input_scales: list[str] = field(default_factory=list)
     rows: list[_Row] = field(default_factory=list, repr=False)
 
     @property
@@ -102,6 +105,12 @@ class FP8Report:
             _, kind, fp8, reason = key
             share = 100 * sum(r.flops_per_token for r in rows) / total
             lines.append(f"  {'FP8' if fp8 else 'high':<9} {labels[key]:<{width}}  {kind:<24} {share:5.1f}%  {reason}".rstrip())
+        if self.shared_input_scales:
+            shared: dict[str, int] = {}
+            for group in self.shared_input_scales:
+                key = _layer_pattern(group + ".")[:-1]  # model.layers.*.self_attn: q_proj, k_proj, v_proj
+                shared[key] = shared.get(key, 0) + 1
+            lines.append("one input cast shared by: " + "; ".join(f"{g} (x{n})" if n > 1 else g for g, n in shared.items()))
         return "\n".join(lines)
 
 
@@ -185,6 +194,40 @@ def _unsupported_weight_modules(model: nn.Module) -> list[tuple[str, str]]:
     return out
 
 
+# Linears of one module that read the same input in HF models: attention projections, gated MLPs.
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
+
+
+def _fp8_child(parent: nn.Module, name: str) -> FP8Linear | None:
+    child = getattr(parent, name, None)
+    base = getattr(child, "base_layer", None)  # PEFT's LoRA wrapper hands its input to base_layer
+    if isinstance(base, FP8Linear):
+        return base
+    return child if isinstance(child, FP8Linear) else None
+
+
+def _share_input_scales(model: nn.Module, recipe: FP8Recipe) -> list[str]:
+    """Let each group of sibling FP8 linears (`_SIBLINGS`, same recipe and input width) cast with
+    the first one's input scale when `recipe.share_input_scales`, else each with its own. Returns
+    the shared groups as "parent: a, b, c"."""
+    shared = []
+    for parent_name, parent in model.named_modules():
+        for group in _SIBLINGS:
+            layers = [(n, _fp8_child(parent, n)) for n in group]
+            layers = [(n, m) for n, m in layers if m is not None]
+            if len(layers) < 2:
+                continue
+            leader = layers[0][1]
+            tie = [(n, m) for n, m in layers if m.recipe == leader.recipe and m.in_features == leader.in_features]
+            for _, m in layers:
+                m.share_input_scale(None)
+            if recipe.share_input_scales and len(tie) > 1:
+                for _, m in tie:
+                    m.share_input_scale(leader.fp8_scale)
+                shared.append(f"{parent_name}: {', '.join(n for n, _ in tie)}")
+    return shared
+
+
 def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
@@ -249,6 +292,7 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
 
     for name, new in swaps:
         _set_submodule(model, name, new)
+    report.shared_input_scales = _share_input_scales(model, recipe)
 
     attention_row, report.context = _attention_row(model, context)
     if attention_row is not None:

@@ -47,13 +47,20 @@ _MM_CONFIG_PAD_TOKENS = _MM_CONFIG._replace(grad_weight=ScaledMMConfig(emulate=F
 _TORCHAO_CONFIG = Float8LinearConfig()
 
 
-def _cast_delayed(x, state: DelayedScale, i: int, mm_config, gemm_role, record: bool):
-    """Cast x to FP8 with role i's delayed scale, recording its amax when `record`."""
+def _cast_delayed(x, state: DelayedScale, i: int, mm_config, gemm_role, record: bool, shared: DelayedScale | None = None):
+    """Cast x to FP8 with role i's delayed scale, recording its amax when `record`.
+
+    `shared`: cast with this state's scale instead (a sibling linear reading the same input), and
+    record the amax there too, so the shared scale covers every sibling's input. All siblings'
+    casts are then one expression, which torch.compile computes, and saves for backward, once."""
     amax = amax_of(x)
     if record:
-        record_amax(state, i, amax)
-    scale = cast_scale(state, i, amax)
-    return hp_tensor_and_scale_to_float8(x, scale, state.dtypes[i], mm_config, gemm_role)
+        record_amax(state, i, amax)  # this layer's own history stays complete (stats, checkpoints)
+        if shared is not None:
+            record_amax(shared, i, amax)
+    source = shared if shared is not None else state
+    scale = cast_scale(source, i, amax)
+    return hp_tensor_and_scale_to_float8(x, scale, source.dtypes[i], mm_config, gemm_role)
 
 
 class _CastGradOutputDelayed(torch.autograd.Function):
@@ -118,18 +125,22 @@ def _grad_input_only(ctx, grad_output):
     return grad_input.reshape(*shape[:-1], grad_input.shape[-1])
 
 
-def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool) -> torch.Tensor:
+def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool,
+               input_state: DelayedScale | None = None) -> torch.Tensor:  # fmt: skip
     """x (..., K) @ weight_t (K, N) -> (..., N) in x's dtype, all three GEMMs in FP8.
 
     `weight_t` is nn.Linear's weight transposed (a view) or GPT-2 Conv1D's weight as stored.
     `record`: max-reduce this call's input/weight/grad-output amaxes into `state` (training).
+    `input_state`: cast x with this state's input scale instead of `state`'s (shared input scales,
+    see FP8Recipe.share_input_scales).
     A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
     used as is: not re-cast, and its amax is not recorded here."""
     tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
     mm_config = _MM_CONFIG if tokens % FP8_DIM_MULTIPLE == 0 else _MM_CONFIG_PAD_TOKENS
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
-        x_fp8 = _cast_delayed(x, state, _INPUT, mm_config, GemmInputRole.INPUT, record)
+        shared = input_state if input_state is not state else None
+        x_fp8 = _cast_delayed(x, state, _INPUT, mm_config, GemmInputRole.INPUT, record, shared)
         if isinstance(weight_t, Float8TrainingTensor):
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. It carries _MM_CONFIG, whose output/grad_input configs (the two GEMMs the
@@ -180,6 +191,15 @@ class FP8Linear(nn.Linear):
         self.recipe = recipe or FP8Recipe()
         self.fp8_scale = new_linear_scale_state(self.recipe, self.weight.device)
 
+    # The sibling's state whose input scale this layer casts with (`share_input_scale`), or None.
+    _shared_input_scale: DelayedScale | None = None
+
+    def share_input_scale(self, source: DelayedScale | None) -> None:
+        """Cast this layer's input with `source`'s input scale (a sibling reading the same input);
+        None: its own again. Stored outside the module tree (object.__setattr__), so the sibling's
+        state gets no second state_dict entry and no second scale update."""
+        object.__setattr__(self, "_shared_input_scale", None if source is self.fp8_scale else source)
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, recipe: FP8Recipe | None = None) -> "FP8Linear":
         """An FP8Linear sharing `linear`'s weight and bias Parameters (no copy)."""
@@ -205,7 +225,7 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        out = fp8_matmul(x, self.weight.t(), self.fp8_scale, record=self.training)
+        out = fp8_matmul(x, self.weight.t(), self.fp8_scale, record=self.training, input_state=self._shared_input_scale)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

@@ -41,6 +41,11 @@ class FP8Recipe:
     on_nonfinite_amax: what `update_scales` does when an inf/NaN amax was recorded: the update of that
         tensor's scale is always skipped and counted; "warn" also warns naming the layer, "raise"
         raises, "skip" stays silent (and avoids the one host sync per optimizer step this check costs).
+    share_input_scales: linears of one module that read the same input (q/k/v_proj, gate/up_proj)
+        cast it with one shared input scale, so under torch.compile it is cast, and saved for
+        backward, once instead of per linear. Same numerics when they read the same tensor (their
+        amax histories are identical anyway); set False if such siblings read different inputs
+        (cross-attention: q from the decoder, k/v from the encoder) to keep a scale per linear.
     """
 
     fp8_format: str = "hybrid"
@@ -50,6 +55,7 @@ class FP8Recipe:
     attention: bool = False
     skip: tuple[str, ...] = DEFAULT_SKIP
     on_nonfinite_amax: str = "warn"
+    share_input_scales: bool = True
 
     def __post_init__(self):
         # YAML/JSON give lists; a frozen dataclass needs a hashable tuple.
@@ -69,6 +75,7 @@ class FP8Recipe:
             if not isinstance(pattern, str) or not pattern:
                 raise TypeError(f"FP8Recipe.skip must hold non-empty strings (module-name patterns), got {pattern!r}")
         _check_choice("on_nonfinite_amax", self.on_nonfinite_amax, _ON_NONFINITE)
+        _check_type("share_input_scales", self.share_input_scales, bool)
 
     @property
     def forward_dtype(self) -> torch.dtype:

@@ -295,8 +295,9 @@ class FP8StepStats:
     def _make_linear_hook(self, name: str, state: DelayedScale):
         def hook(module, args, output):
             # The operands exactly as FP8Linear/FP8Conv1D cast them (autocast dtype for the input).
-            if args:
-                self._observe(name, "input", _autocast_input(args[0]), state)
+            if args:  # with a shared input scale (FP8Recipe.share_input_scales) the sibling's state casts it
+                shared = getattr(module, "_shared_input_scale", None)
+                self._observe(name, "input", _autocast_input(args[0]), state if shared is None else shared)
             self._observe(name, "weight", module.weight, state)
             # FP8 layers compute `out = fp8_matmul(...) (+ bias)`: the gradient of the module output
             # is the grad-output the backward casts.

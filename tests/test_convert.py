@@ -430,7 +430,7 @@ def test_report_str_is_a_table_with_fp8_and_high_rows():
     assert lines[0] == "hf_fp8 coverage: 14/15 GEMM layers in FP8, 69.2% of GEMM FLOPs per token (attention counted at context 64)"
     assert lines[1] == "recipe: format=hybrid history=1024 algo=max margin=0 attention=False"
     assert lines[2].split() == ["precision", "module", "GEMM", "FLOPs", "reason"]
-    rows = {line.split()[1]: line for line in lines[3:]}
+    rows = {line.split()[1]: line for line in lines[3:-1]}
     # Layers of the stack are grouped as layers.* with a count; q_proj: 2 * 8192 / 212992 = 7.7%.
     q_row = rows["model.layers.*.self_attn.q_proj"]
     assert q_row.split()[:6] == ["FP8", "model.layers.*.self_attn.q_proj", "(x2)", "Linear", "64->64", "7.7%"]
@@ -441,7 +441,8 @@ def test_report_str_is_a_table_with_fp8_and_high_rows():
     attention_row = rows["attention"]
     assert attention_row.split()[:2] == ["high", "attention"] and "(2 layers)" in attention_row
     assert attention_row.endswith("recipe.attention is False (softmax(QK^T)V in high precision)")
-    assert len(lines) == 3 + 7 + 2  # 7 grouped FP8 rows + lm_head + attention
+    assert len(lines) == 3 + 7 + 2 + 1  # 7 grouped FP8 rows + lm_head + attention, then the shared input casts
+    assert lines[-1].startswith("one input cast shared by: model.layers.*.self_attn: q_proj, k_proj, v_proj (x2)")
 
 
 def test_root_layer_is_refused_with_the_fix():
@@ -604,3 +605,86 @@ def test_report_summary_is_json_ready():
     assert summary["fp8_attention"] is True and "reference" in summary["attention_kernel"]
     assert summary["skipped"] == {"lm_head": "skip pattern 'lm_head' (recipe.skip)"}
     assert summary["fp8_flop_fraction"] == round(report.fp8_flop_fraction, 4)
+
+
+# ---- shared input scales of sibling linears (FP8Recipe.share_input_scales) ----------------------
+
+
+def _fp8_saved_per_step(share: bool, compiled: bool, steps: int = 2):
+    """Losses, float8 tensors autograd saves per forward, and the final state_dict of a tiny Llama
+    trained `steps` AdamW steps with share_input_scales=`share` (per-layer compile when `compiled`)."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    convert_model(model, FP8Recipe(share_input_scales=share))
+    if compiled:
+        for layer in model.model.layers:
+            layer.compile(backend="inductor")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    attach(model, opt)
+    ids = torch.randint(0, VOCAB, (2, 32), generator=torch.Generator().manual_seed(1))
+    losses, fp8_saved = [], []
+    for _ in range(steps):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        fp8_saved.append(sum(t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) for t in saved))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses, fp8_saved, model.state_dict()
+
+
+def test_sibling_linears_cast_their_shared_input_once_under_compile_with_the_same_numerics():
+    """q/k/v_proj and gate/up_proj read one tensor each. With shared input scales torch.compile casts
+    it once and saves one FP8 copy for backward (per layer: 2 + 1 fewer; before, 28 float8 tensors
+    per step here), and training is bitwise the same as with a scale per linear (their input amax
+    histories are identical anyway)."""
+    shared_losses, shared_saved, shared_state = _fp8_saved_per_step(True, compiled=True)
+    own_losses, own_saved, own_state = _fp8_saved_per_step(False, compiled=True)
+    assert own_saved == [28, 28] and shared_saved == [28 - 2 * 3, 28 - 2 * 3]
+    assert shared_losses == own_losses
+    assert shared_state.keys() == own_state.keys()
+    assert all(torch.equal(shared_state[k], own_state[k]) for k in own_state)
+
+
+def test_shared_input_scales_are_reported_and_add_no_state():
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config)
+    plain_keys = set(model.state_dict())
+    report = convert_model(model)
+    attn, mlp = model.model.layers[1].self_attn, model.model.layers[1].mlp
+    assert attn.q_proj._shared_input_scale is None  # the first sibling casts with its own scale
+    assert attn.k_proj._shared_input_scale is attn.q_proj.fp8_scale and attn.v_proj._shared_input_scale is attn.q_proj.fp8_scale
+    assert mlp.up_proj._shared_input_scale is mlp.gate_proj.fp8_scale and mlp.down_proj._shared_input_scale is None
+    assert report.shared_input_scales == [f"model.layers.{i}.{m}" for i in range(2)
+                                          for m in ("self_attn: q_proj, k_proj, v_proj", "mlp: gate_proj, up_proj")]
+    assert "one input cast shared by: model.layers.*.self_attn: q_proj, k_proj, v_proj (x2); model.layers.*.mlp: gate_proj, up_proj (x2)" in str(report)
+    # The sibling state is referenced, not registered: one fp8_scale entry set per linear, one update each.
+    assert {k for k in model.state_dict() if "fp8_scale" not in k} == plain_keys
+    assert len([m for m in model.modules() if isinstance(m, DelayedScale)]) == 14
+    # Converting again with the option off gives every layer its own input scale back.
+    report = convert_model(model, FP8Recipe(share_input_scales=False))
+    assert report.shared_input_scales == [] and attn.k_proj._shared_input_scale is None
+
+
+def test_shared_input_scale_covers_siblings_reading_different_inputs():
+    """The shared scale is recorded from every sibling's input, so it stays a valid delayed scale when
+    siblings read different tensors (cross-attention): no sibling overflows the shared range."""
+    torch.manual_seed(0)
+    parent = nn.Module()
+    parent.q_proj, parent.k_proj = FP8Linear(32, 32), FP8Linear(32, 32)
+    convert_model(parent)
+    small, large = torch.randn(64, 32), 40 * torch.randn(64, 32)
+    for _ in range(2):
+        parent.q_proj(small).sum().backward()
+        parent.k_proj(large).sum().backward()
+        update_scales(parent)
+    state = parent.q_proj.fp8_scale
+    assert parent.k_proj._shared_input_scale is state
+    assert state.amax_history[0, 0] == large.abs().max()  # the larger input sets the shared scale
+    assert parent.k_proj.fp8_scale.amax_history[0, 0] == large.abs().max()  # k keeps its own history
+    assert parent.q_proj.fp8_scale.amax_history[0, 0] != small.abs().max()

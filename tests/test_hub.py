@@ -402,7 +402,8 @@ def test_model_card_content_and_front_matter(tmp_path):
     for needle in ("`LlamaForCausalLM`", "amax history length | 16", "amax compute algo | `max`", "margin | 0",
                    "`float8_e4m3fn`", "`float8_e5m2`", f"{100 * report.fp8_flop_fraction:.1f}%",
                    "model.layers.*.mlp.down_proj (x2)", "`lm_head`: skip pattern", "recipe.attention is False",
-                   "| hf_fp8 | 88,425 | 1.197x", "| hf_fp8_attn | 88,399 | 1.197x", "1.5b, NVIDIA H200", "final loss: 2.345", "kurtosis trend `qkv`: 3 -> 4.25",
+                   *(f"| {mode} | {bench['1.5b'][mode]['tokens_per_s']:,.0f} | {bench['1.5b'][mode]['ratio_vs_bf16']:.3f}x"
+                     for mode in ("hf_fp8", "hf_fp8_attn")), "1.5b, NVIDIA H200", "final loss: 2.345", "kurtosis trend `qkv`: 3 -> 4.25",
                    "1x NVIDIA H200", '"amax_history_len": 16'):
         assert needle in text, needle
     # Front matter: parsed back by huggingface_hub, offline.

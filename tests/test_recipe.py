@@ -43,6 +43,7 @@ def test_frozen():
         ({"skip": "lm_head"}, TypeError, "skip must be tuple"),
         ({"skip": ["lm_head", 3]}, TypeError, "skip must hold non-empty strings"),
         ({"on_nonfinite_amax": "ignore"}, ValueError, "on_nonfinite_amax must be one of 'warn', 'raise', 'skip'"),
+        ({"share_input_scales": "yes"}, TypeError, "share_input_scales must be bool, got str"),
     ],
 )
 def test_bad_fields_name_the_field_and_allowed_values(fields, error, message):
