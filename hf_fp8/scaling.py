@@ -113,29 +113,23 @@ class DelayedScale(nn.Module):
         return f"roles=({names}), history={self.amax_history.shape[1]}, algo={self.amax_compute_algo}, margin={self.margin}"
 
 
-def in_memory_order(x: torch.Tensor) -> tuple[torch.Tensor, list[int] | None]:
-    """(a permuted view of x that is contiguous, the permutation back), or (x, None) when x is
-    contiguous or no permutation makes it so.
+def in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """x as a contiguous permuted view when one exists (else x itself), for work that does not care
+    about element order, such as a max.
 
     Attention's (B, H, S, D) query/key/value are transposed views of (B, S, H, D) projections.
-    A reduction or cast over such a view in its logical order reads memory with a stride: the amax
-    of Q measured ~80 us instead of ~20 us on an H200 under torch.compile. Elementwise work and a
-    max do not care about order, so they run over the memory order instead."""
+    Reduced in logical order under torch.compile, they were read with a stride: 82 us for the amax
+    of Q at 2 x 8192 tokens on an H200. In memory order inductor fuses that amax with Q's cast into
+    one 38 us kernel."""
     if x.is_contiguous():
-        return x, None
-    order = sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
-    view = x.permute(order)
-    if not view.is_contiguous():
-        return x, None
-    back = [0] * len(order)
-    for i, d in enumerate(order):
-        back[d] = i
-    return view, back
+        return x
+    view = x.permute(sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True))
+    return view if view.is_contiguous() else x
 
 
 def amax_of(x: torch.Tensor) -> torch.Tensor:
     """max(|x|) as a float32 scalar (a NaN anywhere in x gives NaN)."""
-    return in_memory_order(x.detach())[0].abs().amax().float()
+    return in_memory_order(x.detach()).abs().amax().float()
 
 
 def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Tensor:
