@@ -206,13 +206,24 @@ def _fp8_child(parent: nn.Module, name: str) -> FP8Linear | None:
     return child if isinstance(child, FP8Linear) else None
 
 
+def _is_cross_attention(name: str, module: nn.Module) -> bool:
+    """Attention whose queries read the decoder and keys/values the encoder (BART/Whisper
+    `encoder_attn`, T5 `EncDecAttention`, GPT-2 `crossattention`)."""
+    last = name.rsplit(".", 1)[-1].lower()
+    return bool(getattr(module, "is_cross_attention", False)) or last in ("encoder_attn", "encdecattention") or "cross" in last
+
+
 def _share_input_scales(model: nn.Module, recipe: FP8Recipe) -> list[str]:
     """Let each group of sibling FP8 linears (`_SIBLINGS`, same recipe and input width) cast with
-    the first one's input scale when `recipe.share_input_scales`, else each with its own. Returns
-    the shared groups as "parent: a, b, c"."""
+    the first one's input scale when `recipe.share_input_scales`, else each with its own. In
+    cross-attention only k/v share (q reads another tensor). Returns the shared groups as
+    "parent: a, b, c"."""
     shared = []
     for parent_name, parent in model.named_modules():
+        cross = _is_cross_attention(parent_name, parent)
         for group in _SIBLINGS:
+            if cross and group[0] in ("q_proj", "query"):
+                group = group[1:]
             layers = [(n, _fp8_child(parent, n)) for n in group]
             layers = [(n, m) for n, m in layers if m is not None]
             if len(layers) < 2:

@@ -44,8 +44,9 @@ class FP8Recipe:
     share_input_scales: linears of one module that read the same input (q/k/v_proj, gate/up_proj)
         cast it with one shared input scale, so under torch.compile it is cast, and saved for
         backward, once instead of per linear. Same numerics when they read the same tensor (their
-        amax histories are identical anyway); set False if such siblings read different inputs
-        (cross-attention: q from the decoder, k/v from the encoder) to keep a scale per linear.
+        amax histories are identical anyway). Siblings are found by name; in cross-attention
+        (q reads the decoder) only k/v share. Set False for a model whose same-named siblings
+        read different tensors, to keep one scale per linear.
     """
 
     fp8_format: str = "hybrid"

@@ -688,3 +688,24 @@ def test_shared_input_scale_covers_siblings_reading_different_inputs():
     assert state.amax_history[0, 0] == large.abs().max()  # the larger input sets the shared scale
     assert parent.k_proj.fp8_scale.amax_history[0, 0] == large.abs().max()  # k keeps its own history
     assert parent.q_proj.fp8_scale.amax_history[0, 0] != small.abs().max()
+
+
+def test_cross_attention_shares_only_the_key_value_input():
+    """BART's decoder `encoder_attn`: q reads the decoder, k/v the encoder, so only k/v share a scale
+    (before, q was tied to them and cast with a scale covering the encoder states too)."""
+    config = transformers.BartConfig(vocab_size=VOCAB, d_model=64, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=128,
+                                     decoder_ffn_dim=128, max_position_embeddings=64)
+    model = transformers.BartForConditionalGeneration(config)
+    report = convert_model(model)
+    assert report.shared_input_scales == ["model.encoder.layers.0.self_attn: q_proj, k_proj, v_proj",
+                                          "model.decoder.layers.0.self_attn: q_proj, k_proj, v_proj",
+                                          "model.decoder.layers.0.encoder_attn: k_proj, v_proj"]
+    cross = model.model.decoder.layers[0].encoder_attn
+    assert cross.q_proj._shared_input_scale is None and cross.v_proj._shared_input_scale is cross.k_proj.fp8_scale
+    ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    update_scales(model)
+    # q's input scale comes from the decoder states alone, k/v's from the encoder states
+    assert cross.q_proj.fp8_scale.amax_history[0, 0] != cross.k_proj.fp8_scale.amax_history[0, 0]
+    assert cross.k_proj.fp8_scale.amax_history[0, 0] == cross.v_proj.fp8_scale.amax_history[0, 0]
