@@ -195,7 +195,8 @@ def _unsupported_weight_modules(model: nn.Module) -> list[tuple[str, str]]:
 
 
 # Linears of one module that read the same input in HF models: attention projections, gated MLPs.
-_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("w1", "w3"))
+_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"), ("query", "key", "value"), ("q", "k", "v"),
+             ("w1", "w3"), ("wi_0", "wi_1"))  # fmt: skip
 
 
 def _fp8_child(parent: nn.Module, name: str) -> FP8Linear | None:
@@ -222,7 +223,7 @@ def _share_input_scales(model: nn.Module, recipe: FP8Recipe) -> list[str]:
     for parent_name, parent in model.named_modules():
         cross = _is_cross_attention(parent_name, parent)
         for group in _SIBLINGS:
-            if cross and group[0] in ("q_proj", "query"):
+            if cross and group[0] in ("q_proj", "query", "q"):
                 group = group[1:]
             layers = [(n, _fp8_child(parent, n)) for n in group]
             layers = [(n, m) for n, m in layers if m is not None]

@@ -709,3 +709,11 @@ def test_cross_attention_shares_only_the_key_value_input():
     # q's input scale comes from the decoder states alone, k/v's from the encoder states
     assert cross.q_proj.fp8_scale.amax_history[0, 0] != cross.k_proj.fp8_scale.amax_history[0, 0]
     assert cross.k_proj.fp8_scale.amax_history[0, 0] == cross.v_proj.fp8_scale.amax_history[0, 0]
+    # T5 names them q/k/v (EncDecAttention) and its gated FFN wi_0/wi_1
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(
+        vocab_size=VOCAB, d_model=64, d_kv=16, num_heads=4, d_ff=128, num_layers=1, num_decoder_layers=1,
+        feed_forward_proj="gated-gelu"))
+    assert convert_model(t5).shared_input_scales == [
+        "encoder.block.0.layer.0.SelfAttention: q, k, v", "encoder.block.0.layer.1.DenseReluDense: wi_0, wi_1",
+        "decoder.block.0.layer.0.SelfAttention: q, k, v", "decoder.block.0.layer.1.EncDecAttention: k, v",
+        "decoder.block.0.layer.2.DenseReluDense: wi_0, wi_1"]
