@@ -9,7 +9,10 @@ median step time over the timed steps (after warm-up/compile), tokens/s, ratio t
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
 Shapes: the paper's 1.5B Llama, an 8B-shape slice (4 of 32 layers), FOG-flash at 1.5B, tiny ones
-for smoke runs. Random tokens, 4 batches cycled: a throughput run, not a quality measure.
+for smoke runs. Data: a fresh batch per step of learnable sequences (each token follows the previous
+by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after the timed steps
+compares how FP8 and BF16 start to learn; random tokens cycled over a few batches (the earlier data)
+measured how fast each memorizes noise. A throughput run, not a quality measure.
 
   hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json
 """
@@ -78,6 +81,26 @@ def convert(model, mode: str):
     raise ValueError(f"unknown mode {mode!r}; expected one of {', '.join(MODES)}")
 
 
+ALPHABET = 4096
+
+
+def learnable_batches(n: int, batch: int, seq_len: int, noise: float = 0.1, seed: int = 1) -> list[torch.Tensor]:
+    """n batches of (batch, seq_len) token ids (CPU): next = succ[current] over ALPHABET token ids,
+    a `noise` fraction replaced by uniformly random ones. Same for every mode (fixed seed)."""
+    gen = torch.Generator().manual_seed(seed)
+    succ = torch.randperm(ALPHABET, generator=gen)
+    out = []
+    for _ in range(n):
+        ids = torch.empty(batch, seq_len, dtype=torch.long)
+        ids[:, 0] = torch.randint(0, ALPHABET, (batch,), generator=gen)
+        random = torch.randint(0, ALPHABET, (batch, seq_len), generator=gen)
+        keep = torch.rand(batch, seq_len, generator=gen) >= noise
+        for t in range(1, seq_len):
+            ids[:, t] = torch.where(keep[:, t], succ[ids[:, t - 1]], random[:, t])
+        out.append(ids)
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -98,8 +121,7 @@ def run_mode(args, mode: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     if report is not None:
         attach(model, opt)
-    gen = torch.Generator(device=device).manual_seed(1)
-    batches = [torch.randint(0, VOCAB, (args.batch_size, args.seq_len), device=device, generator=gen) for _ in range(4)]
+    batches = [b.to(device) for b in learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss, compile_s = [], None, 0.0

@@ -279,3 +279,17 @@ def test_bench_bad_modes_and_missing_cuda_are_usage_errors(capsys):
         with pytest.raises(SystemExit):
             main(["bench"])
         assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_bench_data_is_learnable_and_the_same_for_every_mode():
+    """The benchmark's batches follow a fixed successor map (90%) over ALPHABET ids, fresh per step and
+    identical across calls, so "loss after the timed steps" compares learning, not memorized noise."""
+    from hf_fp8.bench import ALPHABET, learnable_batches
+
+    a, b = learnable_batches(3, 2, 512), learnable_batches(3, 2, 512)
+    assert all(torch.equal(x, y) for x, y in zip(a, b)) and not torch.equal(a[0], a[1])
+    ids = torch.cat(a)
+    assert 0 <= ids.min() and ids.max() < ALPHABET
+    succ = torch.randperm(ALPHABET, generator=torch.Generator().manual_seed(1))
+    follows = (succ[ids[:, :-1]] == ids[:, 1:]).float().mean().item()
+    assert 0.88 < follows < 0.92, follows
