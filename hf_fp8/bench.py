@@ -106,8 +106,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_mode(args, mode: str) -> dict:
-    """Build, convert, (compile), warm up and time one mode; its result dict."""
+def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
+    """Build, convert, (compile), warm up and time one mode on `batches` (CPU token ids, one per
+    step); its result dict."""
     from . import attach
 
     device = torch.device(args.device)
@@ -121,7 +122,7 @@ def run_mode(args, mode: str) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     if report is not None:
         attach(model, opt)
-    batches = [b.to(device) for b in learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)]
+    batches = [b.to(device) for b in batches]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, loss, compile_s = [], None, 0.0
@@ -203,8 +204,9 @@ def run(args) -> dict:
     if args.warmup < 1 or args.steps < 1:
         raise ValueError("--warmup and --steps must be >= 1")
     results = {}
+    batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
     for mode in modes:
-        results[mode] = run_mode(args, mode)
+        results[mode] = run_mode(args, mode, batches)
         print(mode, json.dumps(results[mode]), flush=True)
     base = results.get("bf16", {}).get("tokens_per_s")
     device = torch.device(args.device)

@@ -108,7 +108,8 @@ class FP8Report:
         if self.shared_input_scales:
             shared: dict[str, int] = {}
             for group in self.shared_input_scales:
-                key = _layer_pattern(group + ".")[:-1]  # model.layers.*.self_attn: q_proj, k_proj, v_proj
+                parent, names = group.split(": ", 1)
+                key = f"{_layer_pattern(parent + '.').rstrip('.')}: {names}"  # model.layers.*.self_attn: q_proj, k_proj
                 shared[key] = shared.get(key, 0) + 1
             lines.append("one input cast shared by: " + "; ".join(f"{g} (x{n})" if n > 1 else g for g, n in shared.items()))
         return "\n".join(lines)
