@@ -11,8 +11,9 @@ result, so two runs can be checked to have seen the same tokens.
 Run: a Llama (d 768, 12 layers, 12 query / 4 KV heads, FFN 2048) or a FOG-max (same d/layers/heads,
 non-gated xIELU MLP of 3072) of ~125M shape; --tiny: 2-layer d-64 shapes for CPU smoke runs.
 `--mode bf16`: fp32 master weights under bf16 autocast. `--mode fp8`: the same, after
-`hf_fp8.convert_model(model, FP8Recipe(attention=True))` and `hf_fp8.attach(model, optimizer)` (the
-LM head and embeddings stay in high precision, as in the recipe's default skip list). Both modes use
+`hf_fp8.convert_model(model, FP8Recipe(attention=True))` (or `--recipe FILE`; `--no-fp8-attention`:
+linears only) and `hf_fp8.attach(model, optimizer)` (the LM head and embeddings stay in high
+precision, as in the recipe's default skip list). Both modes use
 the same seed, initial weights and batch order. AdamW (0.9, 0.95), weight decay 0.1 on matrices,
 linear warm-up then cosine decay to --min-lr-ratio * --lr, gradient clipping at 1.0.
 
@@ -52,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -276,7 +278,10 @@ def run(args) -> dict:
     n_params = sum(p.numel() for p in model.parameters())
     report = None
     if args.mode == "fp8":
-        report = hf_fp8.convert_model(model, hf_fp8.FP8Recipe(attention=True))
+        recipe = hf_fp8.FP8Recipe.from_file(args.recipe) if args.recipe else hf_fp8.FP8Recipe(attention=True)
+        if not args.fp8_attention:
+            recipe = dataclasses.replace(recipe, attention=False)
+        report = hf_fp8.convert_model(model, recipe)
         print(report, flush=True)
     if args.compile:
         for layer in hf_fp8.stats.decoder_blocks(model):
@@ -461,6 +466,12 @@ def import_log(log_path: Path) -> dict:
     return result
 
 
+def has_tag(name: str, tag: str) -> bool:
+    """Whether run `name` (MODEL_MODE_TAG[_VARIANT]) belongs to `tag`: "parity125" takes
+    "llama_fp8_parity125" and "llama_fp8_parity125_linears", not "llama_fp8_parity"."""
+    return name.endswith(f"_{tag}") or f"_{tag}_" in name
+
+
 def plot(out_dir: Path, plot_dir: Path, tag: str | None = None) -> list[Path]:
     import matplotlib
 
@@ -474,7 +485,7 @@ def plot(out_dir: Path, plot_dir: Path, tag: str | None = None) -> list[Path]:
         except (json.JSONDecodeError, OSError) as e:
             print(f"skipping {f}: {e}", file=sys.stderr)
     if tag is not None:
-        runs = [r for r in runs if str(r.get("name", "")).endswith(f"_{tag}")]
+        runs = [r for r in runs if has_tag(str(r.get("name", "")), tag)]
     if not runs:
         raise SystemExit(f"no result JSONs in {out_dir}" + (f" named *_{tag}" if tag else ""))
     plot_dir = Path(plot_dir)
@@ -526,6 +537,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["llama", "fog-max"], default="llama")
     p.add_argument("--mode", choices=["bf16", "fp8"], default="fp8")
+    p.add_argument("--recipe", default=None, metavar="FILE",
+                   help="fp8 mode: FP8 recipe YAML/JSON (default: the paper recipe with attention on)")
+    p.add_argument("--fp8-attention", action=argparse.BooleanOptionalAction, default=True,
+                   help="fp8 mode: attention's two matmuls in FP8 too (--no-fp8-attention: linears only)")
     p.add_argument("--tag", default="parity", help="third part of the result name (e.g. parity, stress)")
     p.add_argument("--tiny", action="store_true", help="tiny shapes, 1 MB of text, vocab 1024 (CPU smoke runs)")
     p.add_argument("--steps", type=int, default=2000)

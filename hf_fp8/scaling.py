@@ -128,8 +128,18 @@ def in_memory_order(x: torch.Tensor) -> torch.Tensor:
 
 
 def amax_of(x: torch.Tensor) -> torch.Tensor:
-    """max(|x|) as a float32 scalar (a NaN anywhere in x gives NaN)."""
-    return in_memory_order(x.detach()).abs().amax().float()
+    """max(|x|) as a float32 scalar (a NaN anywhere in x gives NaN).
+
+    Reduced per row (the last dim in memory order), then over the rows: a max is a max either way,
+    but under torch.compile the row-wise form iterates like the FP8 cast that reads the same tensor,
+    so inductor computes both in one kernel (one read of the input). A whole-tensor reduction is split
+    into chunks that match no elementwise loop, and costs a second full read: on an H200, SiLU(gate) *
+    up with its amax and E4M3 cast at 16384 x 8192 took 581 us that way and 337 us per row; its
+    backward (two E5M2 casts plus the transposed copies for the weight-gradient GEMMs) 814 -> 609 us."""
+    x = in_memory_order(x.detach()).abs()
+    if x.dim() >= 2:
+        x = x.amax(dim=-1)
+    return x.amax().float()
 
 
 def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,27 @@ def test_layers_option(tmp_path):
     assert r["model_config"]["num_hidden_layers"] == 3 and r["completed_steps"] == 2
     bad = subprocess.run([sys.executable, str(SCRIPT), "--tiny", "--layers", "0"], cwd=ROOT, capture_output=True, text=True)
     assert bad.returncode == 2 and "--layers must be >= 1" in bad.stderr
+
+
+def test_linears_only_option_and_its_runs_plot_with_their_tag(tmp_path):
+    """--recipe FILE sets the FP8 recipe and --no-fp8-attention keeps attention in high precision (the
+    report says so); --plot-tag TAG
+    draws TAG's runs and their TAG_variant runs, not those of a tag that merely starts alike."""
+    recipe = tmp_path / "e4m3.yaml"
+    recipe.write_text("fp8_format: e4m3\namax_history_len: 16\nattention: true\n")
+    _run(["--tiny", "--steps", "2", "--eval-every", "1", "--stats-every", "0", "--device", "cpu", "--out-dir",
+          str(tmp_path), "--mode", "fp8", "--recipe", str(recipe), "--no-fp8-attention", "--tag", "p125_linears"])
+    r = json.loads((tmp_path / "llama_fp8_p125_linears.json").read_text())
+    assert "format=e4m3 history=16" in r["fp8_report"]  # the file's recipe, with attention turned off
+    assert "attention=False" in r["fp8_report"] and "recipe.attention is False" in r["fp8_report"]
+    assert r["completed_steps"] == 2
+    _run(["--plot", "--plot-tag", "p125", "--out-dir", str(tmp_path), "--plot-dir", str(tmp_path / "plots")])
+    assert (tmp_path / "plots" / "p125_eval_loss.png").stat().st_size > 1000
+
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        from quality import has_tag
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    assert has_tag("llama_fp8_parity125", "parity125") and has_tag("llama_fp8_parity125_linears", "parity125")
+    assert not has_tag("llama_fp8_parity", "parity125") and not has_tag("llama_fp8_parity125", "parity")

@@ -2,6 +2,7 @@
 micro-batch max-reduction with one update per optimizer step, first-step init, non-finite amaxes,
 state_dict round trip, and the one-collective all-reduce under torch.distributed (gloo)."""
 
+import re
 import warnings
 
 import pytest
@@ -388,3 +389,47 @@ def test_cuda_steady_state_is_known_one_update_late_without_sync():
         layer(x).sum().backward()
         hf_fp8.update_scales(layer)
         assert layer.fp8_scale.updated_on_host is expected
+
+
+def test_amax_of_is_the_exact_max_for_any_rank_layout_and_propagates_nan():
+    """amax_of reduces per row and then over rows (so torch.compile fuses it with the cast); the
+    result must be exactly max|x| for every rank and layout, and NaN anywhere must give NaN."""
+    from hf_fp8.scaling import amax_of
+
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(), (7,), (5, 9), (2, 3, 17), (2, 4, 6, 8)]:
+        x = torch.randn(shape, generator=gen, dtype=torch.bfloat16) * 3
+        want = x.float().abs().max()
+        assert amax_of(x) == want and amax_of(x).dtype == torch.float32, shape
+        if x.dim() >= 2:
+            assert amax_of(x.transpose(-1, -2)) == want, shape  # a transposed view: same max
+        y = x.clone().reshape(-1)
+        y[len(y) // 2] = float("nan")
+        assert amax_of(y.reshape(shape)).isnan(), shape
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU (Triton) fusion is what is checked")
+def test_compiled_cast_reads_its_input_once_with_the_amax_in_the_same_kernel():
+    """Under torch.compile the amax and the FP8 cast of SiLU(gate) * up must be one kernel: with a
+    whole-tensor amax inductor emitted a separate reduction kernel that read gate and up a second
+    time (581 us vs 337 us at 16384 x 8192 on an H200)."""
+    from torch._inductor.utils import run_and_get_code
+
+    from hf_fp8.scaling import amax_of
+
+    def silu_mul_cast(g, u, scale, pending):
+        h = torch.nn.functional.silu(g) * u
+        pending.copy_(torch.maximum(pending, amax_of(h)))
+        return (h.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+
+    g, u = (torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    pending, scale = torch.zeros((), device="cuda"), torch.tensor(8.0, device="cuda")
+    torch._dynamo.reset()
+    out, (code,) = run_and_get_code(torch.compile(silu_mul_cast, dynamic=False), g, u, scale, pending)
+    # Inductor names each kernel after the ops it runs: one kernel must hold SiLU, amax and the cast.
+    kernels = set(re.findall(r"def (triton_\w+)\(", code))
+    silu = [k for k in kernels if "silu" in k]
+    assert len(silu) == 1 and "amax" in silu[0] and "clamp" in silu[0], f"gate/up read by {silu}"
+    h = torch.nn.functional.silu(g.float()) * u.float()
+    assert torch.allclose(pending, h.abs().max(), rtol=1e-2)
+    torch.testing.assert_close(out.float(), (h * 8).clamp(-E4M3_MAX, E4M3_MAX), rtol=0.07, atol=0.02)
