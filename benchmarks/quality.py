@@ -13,9 +13,9 @@ non-gated xIELU MLP of 3072) of ~125M shape; --tiny: 2-layer d-64 shapes for CPU
 `--mode bf16`: fp32 master weights under bf16 autocast. `--mode fp8`: the same, after
 `hf_fp8.convert_model(model, FP8Recipe(attention=True))` (or `--recipe FILE`; `--no-fp8-attention`:
 linears only) and `hf_fp8.attach(model, optimizer)` (the LM head and embeddings stay in high
-precision, as in the recipe's default skip list). Both modes use
-the same seed, initial weights and batch order. AdamW (0.9, 0.95), weight decay 0.1 on matrices,
-linear warm-up then cosine decay to --min-lr-ratio * --lr, gradient clipping at 1.0.
+precision, as in the recipe's default skip list). Both modes use the same seed, initial weights and
+batch order. AdamW (0.9, 0.95), weight decay 0.1 on matrices, linear warm-up then cosine decay to
+--min-lr-ratio * --lr, gradient clipping at 1.0.
 
 Logged: loss, grad norm (pre-clip), learning rate and step time every step; held-out loss every
 --eval-every steps (and at the end); every --stats-every steps one training step runs inside
