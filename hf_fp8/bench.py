@@ -118,7 +118,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         print(report, flush=True)
     if not args.no_compile:
         for layer in model.model.layers:
-            layer.compile()
+            layer.compile(options=args.compile_options)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     if report is not None:
         attach(model, opt)
@@ -181,6 +181,22 @@ def profile_steps(args, mode, model, opt, batches) -> None:
     (out / f"{args.shape}_{mode}.txt").write_text(table)
 
 
+def _inductor_options(text: str) -> dict:
+    """--compile-options: a JSON object of torch._inductor.config names -> values."""
+    import torch._inductor.config as inductor_config
+
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(options, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object of inductor config names -> values")
+    unknown = [k for k in options if k not in inductor_config.get_config_copy()]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown inductor option(s) {', '.join(unknown)}")
+    return options
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=sorted(LLAMA_SHAPES) + sorted(FOG_SHAPES), default="1.5b")
     p.add_argument("--modes", default="bf16,torchao,hf_fp8", help=f"comma-separated, of: {', '.join(MODES)}")
@@ -190,6 +206,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=15, help="timed steps")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="eager (no per-layer torch.compile)")
+    p.add_argument("--compile-options", type=_inductor_options, default=None, metavar="JSON",
+                   help='inductor options for every mode\'s per-layer compile, e.g. \'{"triton.tile_reductions": true}\'')
     p.add_argument("--quiet", action="store_true", help="do not print the FP8 coverage reports")
     p.add_argument("--out", default=None, help="merge the results into this JSON (shape -> mode -> numbers)")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
@@ -203,6 +221,8 @@ def run(args) -> dict:
         raise ValueError(f"--modes: unknown {', '.join(unknown)}; expected some of {', '.join(MODES)}")
     if args.warmup < 1 or args.steps < 1:
         raise ValueError("--warmup and --steps must be >= 1")
+    if args.compile_options and args.no_compile:
+        raise ValueError("--compile-options needs compilation (drop --no-compile)")
     results = {}
     batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
     for mode in modes:
@@ -211,7 +231,8 @@ def run(args) -> dict:
     base = results.get("bf16", {}).get("tokens_per_s")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}  {name}  torch {torch.__version__}")
+    options = f"  inductor {json.dumps(args.compile_options)}" if args.compile_options else ""
+    print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}  {name}  torch {torch.__version__}{options}")
     print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
     for mode, r in results.items():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
@@ -224,7 +245,8 @@ def run(args) -> dict:
         path = Path(args.out)
         data = json.loads(path.read_text()) if path.exists() else {}
         data = {} if "results" in data else data  # an old single-shape file is replaced
-        data[args.shape] = {"device": name, "torch": torch.__version__, "batch": f"{args.batch_size}x{args.seq_len}", **results}
+        data[args.shape] = {"device": name, "torch": torch.__version__, "batch": f"{args.batch_size}x{args.seq_len}",
+                            **({"compile_options": args.compile_options} if args.compile_options else {}), **results}
         path.write_text(json.dumps(data, indent=2))
     return results
 

@@ -281,6 +281,37 @@ def test_bench_bad_modes_and_missing_cuda_are_usage_errors(capsys):
         assert "no CUDA device" in capsys.readouterr().err
 
 
+def test_bench_compile_options_reach_every_layer_and_the_results(tmp_path, capsys, monkeypatch):
+    """--compile-options (inductor config for every mode's per-layer compile, so BF16 gets the same)
+    is validated against inductor's config names, refused with --no-compile, passed to each layer's
+    compile and recorded with the shape's results."""
+    from torch import nn
+
+    seen = []
+    real_compile = nn.Module.compile
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("options"))
+        return real_compile(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "compile", spy)
+    out = tmp_path / "bench.json"
+    options = {"triton.tile_reductions": True}
+    main(["bench", "--device", "cpu", "--shape", "tiny", "--modes", "bf16", "--warmup", "1", "--steps", "1",
+          "--seq-len", "32", "--batch-size", "1", "--quiet", "--out", str(out), "--compile-options", json.dumps(options)])
+    assert seen == [options, options]  # the tiny shape's two decoder layers
+    assert json.loads(out.read_text())["tiny"]["compile_options"] == options
+    assert '"triton.tile_reductions": true' in capsys.readouterr().out
+    for bad, why in [('{"no_such_option": 1}', "unknown inductor option(s) no_such_option"), ("[1]", "expected a JSON object"),
+                     ("{oops", "not JSON")]:
+        with pytest.raises(SystemExit):
+            main(["bench", "--device", "cpu", "--compile-options", bad])
+        assert why in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--device", "cpu", "--no-compile", "--compile-options", json.dumps(options)])
+    assert "needs compilation" in capsys.readouterr().err
+
+
 def test_bench_data_is_learnable_and_the_same_for_every_mode():
     """The benchmark's batches follow a fixed successor map (90%) over ALPHABET ids, fresh per step and
     identical across calls, so "loss after the timed steps" compares learning, not memorized noise."""
