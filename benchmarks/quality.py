@@ -21,12 +21,13 @@ Logged: loss, grad norm (pre-clip), learning rate and step time every step; held
 --eval-every steps (and at the end); every --stats-every steps one training step runs inside
 `hf_fp8.collect_fp8_stats(model)` and its `stats.flat()` is logged (kurtosis of the QKV outputs, MLP
 down-projection inputs and block outputs, mean and max over blocks; worst overflow/underflow
-fraction of the FP8 casts; in bf16 mode only the kurtosis). One JSON per run goes to --out-dir as
+fraction and lowest SQNR of the FP8 casts, and the SQNR per module name and role; in bf16 mode only
+the kurtosis). One JSON per run goes to --out-dir as
 `{model}_{mode}_{tag}.json`; it is rewritten at every eval, so a run cut short keeps its log.
 `--plot` turns every JSON in --out-dir into PNGs in --plot-dir, one figure per metric.
 
-Parity runs (H200; ~125M shape, 2000 steps of 16 x 1024 tokens, each well under the 8-minute
-budget in bf16; FP8 attention is the materializing reference kernel, so fp8 runs are slower):
+Parity runs (H200; ~125M shape, 2000 steps of 16 x 1024 tokens, each under the 8-minute budget;
+FP8 attention runs cuDNN's fused kernel there; benchmarks/RESULTS.md has the exact commands):
 
   python benchmarks/quality.py --model llama   --mode bf16 --steps 2000 --tag parity
   python benchmarks/quality.py --model llama   --mode fp8  --steps 2000 --tag parity
@@ -45,7 +46,8 @@ Then the figures:
   python benchmarks/quality.py --plot          # benchmarks/results/quality/*.json -> benchmarks/plots/*.png
 
 Add --compile for per-decoder-layer torch.compile (stats steps then run eagerly, under
-torch.compiler.set_stance("force_eager"), so the stats hooks cause no recompiles), and --max-minutes to stop cleanly inside a time budget.
+torch.compiler.set_stance("force_eager"), so the stats hooks cause no recompiles), and --max-minutes
+to stop cleanly inside a time budget.
 CPU smoke run (seconds): python benchmarks/quality.py --tiny --steps 6 --eval-every 3 --stats-every 3
 """
 
@@ -414,6 +416,7 @@ PLOTS = {
     "kurtosis_block_output_max": ("block output kurtosis (max over blocks)", "kurtosis", "stats", "fp8/kurtosis/block_output_max", True, False),
     "overflow": ("FP8 overflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/overflow_max", "symlog", False),
     "underflow": ("FP8 underflow (worst fraction over layers/roles)", "fraction", "stats", "fp8/underflow_max", True, False),
+    "sqnr": ("FP8 cast SQNR (lowest over layers/roles)", "dB", "stats", "fp8/sqnr_min_db", False, False),
 }
 
 SYMLOG_LINTHRESH = 1e-8  # below the smallest nonzero fraction of a 16 x 1024 x 3072 tensor (2e-8)

@@ -54,6 +54,7 @@ def test_result_json(results, model, mode):
             assert s[key] is not None and math.isfinite(s[key]) and s[key] > 0, key
         if mode == "fp8":
             assert 0.0 <= s["fp8/overflow_max"] <= 1.0 and 0.0 <= s["fp8/underflow_max"] <= 1.0
+            assert 10 < s["fp8/sqnr_min_db"] <= s["fp8/sqnr_db/down_proj/input"] < 40
         else:
             assert "fp8/overflow_max" not in s
     if mode == "fp8":
@@ -74,7 +75,7 @@ def test_same_data_and_init_across_modes(results):
 def test_plot(results, tmp_path):
     plots = tmp_path / "plots"
     _run(["--plot", "--out-dir", str(results), "--plot-dir", str(plots)])
-    for name in ("loss", "eval_loss", "kurtosis_qkv", "overflow"):
+    for name in ("loss", "eval_loss", "kurtosis_qkv", "overflow", "sqnr"):
         png = plots / f"{name}.png"
         assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
 

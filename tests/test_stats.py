@@ -21,6 +21,7 @@ from hf_fp8.stats import FP8StepStats, _kurtosis_sum, _token_moments, collect_fp
 
 E4M3 = torch.float8_e4m3fn
 E5M2 = torch.float8_e5m2
+E4M3_MAX, E5M2_MAX = torch.finfo(E4M3).max, torch.finfo(E5M2).max
 LINEAR_ROLES = ("input", "weight", "grad_output")
 ATTENTION_ROLES_OBSERVED = ("query", "key", "value", "grad_output")  # grad_scores: not observable
 
@@ -356,3 +357,50 @@ def test_kurtosis_sites_found_in_other_families(config_cls, model_cls, kwargs):
     for site in ("qkv", "mlp_down_input", "block_output"):
         assert sorted(stats.kurtosis[site]["per_layer"]) == blocks, site
         assert all(1.0 < v < 20.0 for v in stats.kurtosis[site]["per_layer"].values()), site
+
+
+def test_cast_sqnr_is_the_formats_precision_in_range_and_drops_when_saturating():
+    """sqnr_db = 10 log10(sum y^2 / sum (fp8(y) - y)^2), y = x * scale, pooled over the step's casts.
+    Within range it is the format's relative precision (~31.5 dB E4M3, ~25.6 dB E5M2, whatever the
+    distribution); a scale 16x too large clips the top of the tensor and it falls below 20 dB."""
+    torch.manual_seed(0)
+    layer = FP8Linear(64, 32)
+    x = torch.randn(128, 64, generator=gen(11)) * 3
+    go = torch.randn(128, 32, generator=gen(12)) * 1e-3
+
+    def run(factor):
+        state = layer.fp8_scale
+        with torch.no_grad():
+            amaxes = torch.stack([x.abs().max(), layer.weight.abs().max(), go.abs().max()])
+            state.scale.copy_(torch.tensor([E4M3_MAX, E4M3_MAX, E5M2_MAX]) / amaxes * factor)
+            state.initialized.fill_(True)
+        with collect_fp8_stats(layer) as stats:
+            layer(x).backward(go)
+        return stats, state.scale.clone()
+
+    stats, scales = run(1.0)
+    roles = stats.layers["<root>"]
+    for role, lo, hi in (("input", 30.5, 32.5), ("weight", 30.5, 32.5), ("grad_output", 24.5, 26.5)):
+        assert lo < roles[role]["sqnr_db"] < hi, (role, roles[role]["sqnr_db"])
+    # The same number from the definition, in float64, for the input.
+    y = (x.float() * scales[0]).double()  # x * scale in float32, as the cast computes it
+    q = (x.float() * scales[0]).clamp(-E4M3_MAX, E4M3_MAX).to(E4M3).double()
+    want = 10 * math.log10(y.square().sum().item() / (q - y).square().sum().item())
+    assert roles["input"]["sqnr_db"] == pytest.approx(want, rel=1e-6)  # float32 sums
+    flat = stats.flat()
+    assert flat["fp8/sqnr_min_db"] == min(r["sqnr_db"] for r in roles.values() if "sqnr_db" in r)
+    assert flat["fp8/sqnr_min_db/linear/grad_output"] == roles["grad_output"]["sqnr_db"]
+    assert flat["fp8/sqnr_db/<root>/input"] == roles["input"]["sqnr_db"]  # a root layer is named <root>
+
+    saturated, _ = run(16.0)
+    for role in ("input", "weight", "grad_output"):
+        assert saturated.layers["<root>"][role]["sqnr_db"] < 20, role
+
+
+def test_cast_sqnr_of_an_exact_or_zero_tensor_is_inf_or_absent():
+    from hf_fp8.stats import cast_counts, sqnr_db
+
+    exact = torch.tensor([1.0, -2.0, 0.5, 448.0])  # all representable in E4M3 at scale 1
+    over, under, n, signal, noise = cast_counts(exact, torch.tensor(1.0), E4M3).tolist()
+    assert (over, under, n, noise) == (0, 0, 4, 0) and signal > 0 and sqnr_db(signal, noise) == math.inf
+    assert sqnr_db(*cast_counts(torch.zeros(8), torch.tensor(1.0), E4M3).tolist()[3:]) is None
