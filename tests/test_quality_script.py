@@ -111,8 +111,8 @@ def test_layers_option(tmp_path):
 
 def test_linears_only_option_and_its_runs_plot_with_their_tag(tmp_path):
     """--recipe FILE sets the FP8 recipe and --no-fp8-attention keeps attention in high precision (the
-    report says so); --plot-tag TAG
-    draws TAG's runs and their TAG_variant runs, not those of a tag that merely starts alike."""
+    report says so); --plot-tag TAG draws TAG's runs and their TAG_variant runs, not those of a tag
+    that merely starts alike."""
     recipe = tmp_path / "e4m3.yaml"
     recipe.write_text("fp8_format: e4m3\namax_history_len: 16\nattention: true\n")
     _run(["--tiny", "--steps", "2", "--eval-every", "1", "--stats-every", "0", "--device", "cpu", "--out-dir",
