@@ -23,8 +23,7 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).addFilter(_DropKnownImportNoise())
 
 import torchao  # noqa: E402,F401
-from torchao.float8.config import Float8LinearConfig  # noqa: E402
-from torchao.float8.float8_linear import matmul_with_hp_or_float8_args  # noqa: E402
+from torchao.float8.float8_ops import addmm_float8_unwrapped  # noqa: E402
 from torchao.float8.float8_utils import to_fp8_saturated  # noqa: E402
 from torchao.float8.float8_training_tensor import (  # noqa: E402
     Float8TrainingTensor,
@@ -35,12 +34,11 @@ from torchao.float8.float8_training_tensor import (  # noqa: E402
 )
 
 __all__ = [
-    "Float8LinearConfig",
+    "addmm_float8_unwrapped",
     "Float8TrainingTensor",
     "GemmInputRole",
     "LinearMMConfig",
     "ScaledMMConfig",
     "hp_tensor_and_scale_to_float8",
-    "matmul_with_hp_or_float8_args",
     "to_fp8_saturated",
 ]

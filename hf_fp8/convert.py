@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from . import attention
+from . import attention, cast
 from .linear import FP8Conv1D, FP8Linear, check_fp8_dims
 from .recipe import FP8Recipe
 
@@ -49,6 +49,7 @@ class FP8Report:
     recipe: FP8Recipe | None = None
     attention_modules: list[str] = field(default_factory=list)
     attention_kernel: str = ""  # which FP8 attention kernel runs (cuDNN fused or the reference), and why
+    cast_kernel: str = ""  # which FP8 cast runs (Triton in eager CUDA mode, or the reference), and why
     shared_input_scales: list[str] = field(default_factory=list)
     rows: list[_Row] = field(default_factory=list, repr=False)
 
@@ -66,6 +67,7 @@ class FP8Report:
             "fp8_flops_context": self.context,
             "fp8_attention": bool(self.attention_modules),
             "attention_kernel": self.attention_kernel or None,
+            "cast_kernel": self.cast_kernel or None,
             "skipped": self.skipped_by_pattern(),
         }
 
@@ -91,6 +93,8 @@ class FP8Report:
                 f"recipe: format={r.fp8_format} history={r.amax_history_len} algo={r.amax_compute_algo} "
                 f"margin={r.margin} attention={r.attention}"
             )
+        if self.cast_kernel:
+            lines.append(f"FP8 casts: {self.cast_kernel}")
         if self.attention_kernel:
             lines.append(f"FP8 attention kernel: {self.attention_kernel}")
         groups: dict[tuple, list[_Row]] = {}
@@ -152,12 +156,23 @@ def _why_not_fp8(name: str, module: nn.Module, recipe: FP8Recipe) -> str | None:
     return check_fp8_dims(in_f, out_f)
 
 
+def _kernel_line(model: nn.Module, describe) -> str:
+    """describe(device) for where `model`'s parameters are and, for a model still on the CPU, for
+    this machine's current GPU too (where it will likely train): which kernel runs, for reports."""
+    device = next(model.parameters()).device
+    here = describe(device)
+    if device.type == "cpu" and torch.cuda.is_available():
+        gpu = torch.device("cuda", torch.cuda.current_device())
+        return f"{here}; on {gpu}: {describe(gpu)}"
+    return here
+
+
 def _convert_attention(model: nn.Module, recipe: FP8Recipe, report: FP8Report, row: _Row | None) -> None:
     """Switch the model to FP8 attention, or say in the report why its attention stays high precision."""
     reason = attention.why_attention_stays_high_precision(model)
     if reason is None:
         report.attention_modules = attention.convert_attention(model, recipe)
-        report.attention_kernel = attention.attention_kernel(model)
+        report.attention_kernel = _kernel_line(model, attention.attention_kernel)
         if row is not None:
             row.fp8, row.reason = True, ""
     else:
@@ -306,6 +321,7 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
     for name, new in swaps:
         _set_submodule(model, name, new)
     report.shared_input_scales = _share_input_scales(model, recipe)
+    report.cast_kernel = _kernel_line(model, cast.describe)
 
     attention_row, report.context = _attention_row(model, context)
     if attention_row is not None:

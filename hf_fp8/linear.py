@@ -3,10 +3,12 @@
   forward      out        = x_e4m3  @ w_e4m3.T      (input, weight: E4M3)
   backward     grad_input = go_e5m2 @ w_e4m3        (grad-output: E5M2 in the "hybrid" format)
                grad_weight= go_e5m2.T @ x_e4m3
-Each operand is cast once with its delayed scale (hf_fp8.scaling) into a torchao
-`Float8TrainingTensor`; torchao's `matmul_with_hp_or_float8_args` (the Float8Linear matmul) sees
-already-cast operands, skips its own dynamic casts, and runs `torch._scaled_mm`. The FP8 copies of
-x and w are what autograd saves for backward (half the bytes of BF16). Bias stays high precision.
+Each operand is cast once with its delayed scale (hf_fp8.scaling, hf_fp8.cast); the GEMMs are
+torchao's unwrapped Float8 matmul (`torch._scaled_mm`), fed each operand in the layout it reads
+(the weight-gradient GEMM takes x and the grad-output transposed). In eager CUDA mode the Triton
+cast writes those transposed copies in the same pass; elsewhere backward transposes the FP8 copies
+kept from forward (torch.compile fuses that, and may re-cast instead of keeping). What autograd keeps
+of x and w is FP8 (half the bytes of BF16). Bias stays high precision.
 """
 
 from __future__ import annotations
@@ -17,15 +19,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._torchao import (
-    Float8LinearConfig,
-    Float8TrainingTensor,
-    GemmInputRole,
-    LinearMMConfig,
-    ScaledMMConfig,
-    hp_tensor_and_scale_to_float8,
-    matmul_with_hp_or_float8_args,
-)
+from ._torchao import Float8TrainingTensor, LinearMMConfig, ScaledMMConfig, addmm_float8_unwrapped
+from .cast import cast_fp8_fused, cast_fp8_reference, fused_cast_applies
 from .recipe import FP8Recipe
 from .scaling import DelayedScale, amax_of, cast_scale, record_amax
 
@@ -34,50 +29,46 @@ _INPUT, _WEIGHT, _GRAD_OUTPUT = range(3)
 # torch._scaled_mm needs the reduction dim to be a multiple of 16 on CUDA.
 FP8_DIM_MULTIPLE = 16
 
-# torchao's defaults for its tensorwise recipe: fast accumulation in the forward GEMM only.
-# The grad-weight GEMM reduces over tokens; its inner dim is padded to 16 when the token count
-# is not a multiple of 16 (a second config, chosen per call, so aligned calls never pad).
+# torchao's tensorwise defaults: fast accumulation in the forward GEMM only. Used to wrap FSDP2's
+# all-gathered FP8 weights (hf_fp8.fsdp) in torchao Float8TrainingTensors.
 _MM_CONFIG = LinearMMConfig(
     ScaledMMConfig(emulate=False, use_fast_accum=True),
     ScaledMMConfig(emulate=False, use_fast_accum=False),
     ScaledMMConfig(emulate=False, use_fast_accum=False),
 )
-_MM_CONFIG_PAD_TOKENS = _MM_CONFIG._replace(grad_weight=ScaledMMConfig(emulate=False, pad_inner_dim=True))
-# Only read by torchao for operands that are not cast yet; ours always are.
-_TORCHAO_CONFIG = Float8LinearConfig()
 
 
-def _cast_delayed(x, state: DelayedScale, i: int, mm_config, gemm_role, record: bool, shared: DelayedScale | None = None):
-    """Cast x to FP8 with role i's delayed scale, recording its amax when `record`.
+def _cast_delayed(x: torch.Tensor, state: DelayedScale, i: int, record: bool, shared: DelayedScale | None = None,
+                  transposed: bool = False):  # fmt: skip
+    """(x_fp8, x_fp8_t, scale): 2D `x` cast to FP8 with role i's delayed scale, its transposed copy
+    (None unless `transposed`), and the scale used (data = value * scale). Records the amax when `record`.
 
     `shared`: cast with this state's scale instead (a sibling linear reading the same input), and
     record the amax there too, so the shared scale covers every sibling's input. All siblings'
-    casts are then one expression, which torch.compile computes, and saves for backward, once."""
-    amax = amax_of(x)
+    casts are then one expression, which torch.compile computes once.
+
+    Once the delayed scale is known on the host, eager CUDA casts run as one Triton kernel
+    (hf_fp8.cast); the first steps, CPU and torch.compile use the reference expression."""
+    x = x.detach()  # the casts are not differentiated: _FP8GEMMs routes the gradients
+    source = shared if shared is not None else state
+    if _fused_cast(x, source):
+        scale = source.scale[i]
+        x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed)
+    else:
+        amax = amax_of(x)
+        scale = cast_scale(source, i, amax)
+        x_fp8, x_fp8_t = cast_fp8_reference(x, scale, source.dtypes[i], transposed)
     if record:
         record_amax(state, i, amax)  # this layer's own history stays complete (stats, checkpoints)
         if shared is not None:
             record_amax(shared, i, amax)
-    source = shared if shared is not None else state
-    scale = cast_scale(source, i, amax)
-    return hp_tensor_and_scale_to_float8(x, scale, source.dtypes[i], mm_config, gemm_role)
+    return x_fp8, x_fp8_t, scale
 
 
-class _CastGradOutputDelayed(torch.autograd.Function):
-    """Identity in forward; in backward casts the incoming gradient to FP8 (E5M2 in the hybrid
-    format) with the grad-output delayed scale and records its amax, so torchao's matmul backward
-    receives an already-cast grad-output and runs both backward GEMMs in FP8."""
-
-    @staticmethod
-    def forward(ctx, y, state: DelayedScale, mm_config):
-        ctx.state = state
-        ctx.mm_config = mm_config
-        return y.view_as(y)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad_fp8 = _cast_delayed(grad, ctx.state, _GRAD_OUTPUT, ctx.mm_config, GemmInputRole.GRAD_OUTPUT, True)
-        return grad_fp8, None, None
+def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
+    """Whether casting x with `source`'s scale runs the Triton kernel: it needs the delayed scale
+    before the pass (known on the host after the first updates) and an eager CUDA tensor."""
+    return source.updated_on_host and fused_cast_applies(x)
 
 
 @contextlib.contextmanager
@@ -95,34 +86,67 @@ def _cpu_fp8_gemm_context(t: torch.Tensor):
         torch.backends.mkldnn.enabled = True
 
 
-@torch._dynamo.allow_in_graph
-class _FP8Matmul(matmul_with_hp_or_float8_args):
-    """torchao's Float8Linear matmul, with the CPU oneDNN switch around both passes."""
+def _gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+    """a (M, K) @ b (K, N) in FP8 -> out_dtype. a row-major and b column-major (both K-major, what
+    torch._scaled_mm takes); scales are cast scales (data = value * scale). torchao's unwrapped
+    Float8 GEMM: torch._scaled_mm with the inverse scales (and FP32 outputs handled)."""
+    with _cpu_fp8_gemm_context(a):
+        return addmm_float8_unwrapped(a, a_scale, b, b_scale, out_dtype, use_fast_accum=fast_accum)
+
+
+def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
+    """(rows, tokens) FP8 -> tokens zero-padded to a multiple of 16 (the grad-weight GEMM's inner dim)."""
+    pad = -t.shape[1] % FP8_DIM_MULTIPLE
+    if pad == 0:
+        return t
+    out = torch.zeros(t.shape[0], t.shape[1] + pad, dtype=t.dtype, device=t.device)
+    out[:, : t.shape[1]] = t
+    return out
+
+
+class _FP8GEMMs(torch.autograd.Function):
+    """out = x @ weight_t with its three GEMMs in FP8, on operands fp8_matmul has cast (x and
+    weight_t, high precision, are inputs for autograd only). Backward casts the grad-output (E5M2 in
+    the hybrid format) with its delayed scale, recording its amax, in both layouts:
+
+      forward   out    (T, N) = x8    (T, K) @ w8_nk.T (K, N)    fast accumulation
+      backward  grad_x (T, K) = go8   (T, N) @ w8_kn.T (N, K)
+                grad_w (N, K) = go8_t (N, T) @ x8_t.T  (T, K)    T zero-padded to 16 if needed
+
+    w8_nk is the weight in nn.Linear's (N, K) layout, w8_kn its transpose; the `.T` of a contiguous
+    tensor is the column-major operand torch._scaled_mm wants. What backward keeps is FP8.
+
+    Where the transposed copies come from: in eager CUDA mode the Triton cast writes them along
+    with the cast (x8_t, w8_kn given, kept for backward; x8 and w8_nk are freed after forward). Else
+    (x8_t / w8_kn None) backward transposes the kept x8 / w8_nk. Under torch.compile inductor fuses
+    that copy, and its partitioner may re-cast in backward instead of keeping an FP8 copy (it does
+    for the weights: the BF16 parameter is kept anyway)."""
 
     @staticmethod
-    def forward(ctx, input_fp8, weight_t_fp8, linear_mm_config, config):
-        with _cpu_fp8_gemm_context(input_fp8):
-            return matmul_with_hp_or_float8_args.forward(ctx, input_fp8, weight_t_fp8, linear_mm_config, config)
+    def forward(ctx, x, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state: DelayedScale, linear_layout: bool):
+        ctx.state, ctx.linear_layout = state, linear_layout
+        ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
+        ctx.save_for_backward(x8 if x8_t is None else x8_t, x_scale, w8_nk if w8_kn is None else w8_kn, w_scale)
+        return _gemm(x8, x_scale, w8_nk.t(), w_scale, x.dtype, fast_accum=True)
 
     @staticmethod
-    def backward(ctx, grad_output):
-        with _cpu_fp8_gemm_context(grad_output):
-            if ctx.needs_input_grad[1]:
-                return matmul_with_hp_or_float8_args.backward(ctx, grad_output)
-            # Frozen weight (LoRA base layers, frozen towers): only the grad-input GEMM runs; the
-            # grad-weight GEMM, whose result autograd would discard, is skipped.
-            return _grad_input_only(ctx, grad_output), None, None, None
-
-
-def _grad_input_only(ctx, grad_output):
-    """grad_input = grad_output @ W in FP8, as torchao's backward computes it (both operands
-    already cast: fp8_matmul casts the weight in forward and grad-output in _CastGradOutputDelayed)."""
-    if not ctx.needs_input_grad[0]:
-        return None
-    _, weight_t = ctx.saved_tensors
-    shape = grad_output.shape
-    grad_input = torch.mm(grad_output.reshape(-1, shape[-1]), weight_t.t())
-    return grad_input.reshape(*shape[:-1], grad_input.shape[-1])
+    def backward(ctx, grad_out):
+        x_kept, x_scale, w_kept, w_scale = ctx.saved_tensors
+        need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # Frozen weight (LoRA base layers): no transposed grad-output and no grad-weight GEMM.
+        go8, go8_t, go_scale = _cast_delayed(grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, True, transposed=need_w)
+        grad_x = grad_weight_t = None
+        if need_x:
+            w8_kn = w_kept if ctx.w_transposed else w_kept.t().contiguous()
+            grad_x = _gemm(go8, go_scale, w8_kn.t(), w_scale, grad_out.dtype, fast_accum=False)
+        if need_w:
+            x8_t = x_kept if ctx.x_transposed else x_kept.t().contiguous()
+            go8_t, x8_t = _pad_tokens(go8_t), _pad_tokens(x8_t)
+            if ctx.linear_layout:  # weight_t is W.T: produce W's gradient in W's (N, K) layout
+                grad_weight_t = _gemm(go8_t, go_scale, x8_t.t(), x_scale, grad_out.dtype, fast_accum=False).t()
+            else:  # Conv1D: weight_t is the stored (K, N) weight
+                grad_weight_t = _gemm(x8_t, x_scale, go8_t.t(), go_scale, grad_out.dtype, fast_accum=False)
+        return grad_x, grad_weight_t, None, None, None, None, None, None, None, None
 
 
 def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool,
@@ -135,23 +159,31 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     see FP8Recipe.share_input_scales).
     A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
     used as is: not re-cast, and its amax is not recorded here."""
-    tokens = x.numel() // x.shape[-1] if x.shape[-1] else 0
-    mm_config = _MM_CONFIG if tokens % FP8_DIM_MULTIPLE == 0 else _MM_CONFIG_PAD_TOKENS
+    shape = x.shape
+    x2d = x.reshape(-1, shape[-1]).contiguous()
+    grad = torch.is_grad_enabled()
+    shared = input_state if input_state is not state else None
+    fp8_weight = isinstance(weight_t, Float8TrainingTensor)
+    # nn.Linear's weight_t is W.T: cast W (N, K) as stored. Conv1D stores weight_t (K, N): cast it,
+    # and the forward GEMM takes its transpose.
+    linear_layout = fp8_weight or weight_t.t().is_contiguous()
+    w_stored = weight_t if fp8_weight else weight_t.t() if linear_layout else weight_t.contiguous()
+    # Transposed copies for backward: written by the fused cast when it runs (else backward makes them).
+    x_t_now = grad and weight_t.requires_grad and _fused_cast(x2d, shared or state)  # grad-weight GEMM
+    w_t_now = grad and x.requires_grad and not fp8_weight and _fused_cast(w_stored, state)  # grad-input GEMM
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
-        shared = input_state if input_state is not state else None
-        x_fp8 = _cast_delayed(x, state, _INPUT, mm_config, GemmInputRole.INPUT, record, shared)
-        if isinstance(weight_t, Float8TrainingTensor):
+        x8, x8_t, x_scale = _cast_delayed(x2d, state, _INPUT, record, shared, transposed=x_t_now)
+        if fp8_weight:
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
-            # all-gather. It carries _MM_CONFIG, whose output/grad_input configs (the two GEMMs the
-            # weight enters) equal _MM_CONFIG_PAD_TOKENS'.
-            w_fp8 = weight_t
+            # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
+            w8_nk, w8_kn, w_scale = weight_t._data.t().contiguous(), None, weight_t._scale
+        elif linear_layout:
+            w8_nk, w8_kn, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=w_t_now)
         else:
-            w_fp8 = _cast_delayed(weight_t, state, _WEIGHT, mm_config, GemmInputRole.WEIGHT, record)
-        out = _FP8Matmul.apply(x_fp8, w_fp8, mm_config, _TORCHAO_CONFIG)
-        if torch.is_grad_enabled() and out.requires_grad:
-            out = _CastGradOutputDelayed.apply(out, state, mm_config)
-    return out
+            w8_kn, w8_nk, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=True)
+        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state, linear_layout)
+    return out.reshape(*shape[:-1], out.shape[-1])
 
 
 def _autocast_input(x: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,6 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import hf_fp8
-from hf_fp8._torchao import Float8TrainingTensor
 from hf_fp8.linear import FP8Conv1D
 
 MIN_SQNR_DB = 20.0
@@ -120,10 +119,11 @@ def test_backward_saves_fp8_not_high_precision_activations():
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         layer(x)
-    fp8_saved = [t for t in saved if isinstance(t, Float8TrainingTensor)]
-    assert len(fp8_saved) == 2  # x and w, as FP8 (1 byte per element)
-    assert all(t._data.dtype == torch.float8_e4m3fn for t in fp8_saved)
-    assert not any(t.shape == x.shape and t.dtype == torch.bfloat16 and not isinstance(t, Float8TrainingTensor) for t in saved)
+    fp8_saved = sorted((tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn))
+    # x and w as FP8 (1 byte per element); backward transposes them (on CPU; the eager CUDA cast
+    # writes the transposed copies directly, and those are what is kept, test_cast.py).
+    assert fp8_saved == [(16, 64), (32, 64)]
+    assert not any(t.dtype in (torch.bfloat16, torch.float32) and t.numel() > 1 for t in saved)
 
 
 def test_from_linear_shares_parameters_and_to_linear_reverts():

@@ -75,16 +75,10 @@ def convert_attention(model: nn.Module, recipe: FP8Recipe) -> list[str]:
     return names
 
 
-def attention_kernel(model: nn.Module) -> str:
-    """Which FP8 attention kernel `model` runs where its parameters are now (and, for a model still on
-    the CPU, on this machine's current GPU): one line for reports. Also checks the cuDNN kernel's
-    availability once, outside any torch.compile region."""
-    device = next(model.parameters()).device
-    here = cudnn_sdpa.description(device)
-    if device.type == "cpu" and torch.cuda.is_available():
-        gpu = torch.device("cuda", torch.cuda.current_device())
-        return f"{here}; on {gpu}: {cudnn_sdpa.description(gpu)}"
-    return here
+def attention_kernel(device: torch.device) -> str:
+    """Which FP8 attention kernel runs on `device`: one line for reports. Also checks the cuDNN
+    kernel's availability once, outside any torch.compile region."""
+    return cudnn_sdpa.description(device)
 
 
 def revert_attention(model: nn.Module) -> list[str]:

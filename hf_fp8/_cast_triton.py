@@ -1,0 +1,29 @@
+"""Triton kernel of hf_fp8.cast.cast_fp8_fused (imported only on CUDA; its reference is
+hf_fp8.cast.cast_fp8_reference, compared bit for bit in tests/test_cast.py on the GPU)."""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, rows, cols, fp8_max,
+                    TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # One BLOCK_M x BLOCK_N tile of x (rows x cols, row-major) per program.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    x = tl.load(x_ptr + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
+
+    # amax: the max of |x|'s int32 bit patterns. For non-negative floats integer order is float
+    # order, and a NaN's bits (exponent all ones, mantissa non-zero) exceed +inf's, so one NaN makes
+    # the amax NaN, as torch.amax does. Masked-out lanes are 0.
+    bits = tl.abs(x).to(tl.int32, bitcast=True)
+    tl.atomic_max(amax_bits_ptr, tl.max(tl.max(bits, axis=1), axis=0))
+
+    # cast: FP32 multiply, saturate (NaN stays NaN), round to nearest even.
+    scale = tl.load(scale_ptr)
+    y = tl.clamp(x * scale, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL).to(y_ptr.dtype.element_ty)
+    tl.store(y_ptr + r[:, None].to(tl.int64) * cols + c[None, :], y, mask=mask)
+    if TRANSPOSED:
+        # y_t is cols x rows; Triton stages the tile through shared memory so the store is coalesced.
+        tl.store(y_t_ptr + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)

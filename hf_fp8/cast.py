@@ -1,0 +1,115 @@
+"""The FP8 cast of a 2D tensor with a known scale: the FP8 tensor, optionally its transposed copy,
+and the amax of the input.
+
+Hopper's FP8 GEMM wants both operands K-major, so the weight-gradient GEMM needs the activations
+and gradients transposed, in FP8. Two implementations with the same numerics (bit for bit, for the
+BF16/FP16 inputs the kernel takes):
+
+  cast_fp8_reference  plain PyTorch. CPU runs it, and it is what torch.compile sees: inductor fuses
+                      it with the op that produces x (and the amax with it, see scaling.amax_of)
+                      and writes both layouts from one kernel.
+  cast_fp8_fused      one Triton kernel (CUDA, FP8-capable GPUs, eager mode, BF16/FP16 x): reads x once,
+                      writes the FP8 tensor and its transposed copy, and max-reduces |x| with
+                      atomics. In eager mode the reference is ~8 full-tensor passes with FP32
+                      intermediates, and aten's transposing copy of a 1-byte tensor is slow (H200,
+                      16384 x 8192: 865 us, against 84 us as a tiled Triton copy).
+
+`fused_cast_applies(x)` says which one a call gets. Set HF_FP8_FUSED_CAST=0 to always use the
+reference (A/B comparisons; the Triton kernel is tested against it on the GPU).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+from torch import nn
+
+from ._torchao import to_fp8_saturated
+
+FUSED_CAST_ENABLED = os.environ.get("HF_FP8_FUSED_CAST", "1") != "0"
+# Tile of the Triton kernel: 64 x 64 elements, small enough that the transposed store is coalesced
+# through shared memory; one amax atomic per tile.
+_BLOCK = 64
+
+
+def fp8_max(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).max
+
+
+def cast_fp8_reference(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool):
+    """(y, y_t): y = saturate(x * scale) in `dtype` (x upcast to FP32 first, round to nearest even),
+    y_t = y.T contiguous (or None). torchao's hp_tensor_and_scale_to_float8 expression."""
+    y = to_fp8_saturated(x.float() * scale, dtype)
+    return y, (y.t().contiguous() if transposed else None)
+
+
+@functools.cache
+def _triton_ok(device_index: int) -> bool:
+    """FP8 conversions in Triton need compute capability 8.9 (Ada) or newer, and Triton itself."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+
+
+def fused_cast_applies(x: torch.Tensor) -> bool:
+    """True when `cast_fp8_fused` handles x: eager mode (not while torch.compile traces) and an
+    eligible tensor (`_eligible`)."""
+    return FUSED_CAST_ENABLED and not torch.compiler.is_compiling() and _eligible(x)
+
+
+def _eligible(x: torch.Tensor) -> bool:
+    """A real CUDA tensor (not a fake/functional one), 2D contiguous, BF16 or FP16, on a GPU where
+    Triton converts to FP8. FP32 inputs (weights of FP32 models without autocast) take the reference:
+    on the H200 with Triton 3.6 the kernel's transposed store came out wrong for them (some elements
+    swapped within groups of four), while BF16/FP16 inputs match the reference bit for bit."""
+    return (
+        type(x) in (torch.Tensor, nn.Parameter)
+        and x.is_cuda
+        and x.dim() == 2
+        and x.is_contiguous()
+        and x.dtype in (torch.bfloat16, torch.float16)
+        and _triton_ok(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    )
+
+
+def describe(device: torch.device) -> str:
+    """Which cast FP8 layers on `device` run, one line for FP8Report."""
+    compiled = "under torch.compile the reference, fused by inductor into the kernels around it"
+    if device.type != "cuda":
+        why = f"{device.type} device"
+    elif not FUSED_CAST_ENABLED:
+        why = "HF_FP8_FUSED_CAST=0"
+    elif not _triton_ok(device.index if device.index is not None else torch.cuda.current_device()):
+        why = "needs Triton and a GPU of compute capability 8.9+"
+    else:
+        return (f"eager: one Triton kernel per cast (cast, amax and transposed copy; BF16/FP16 tensors once the "
+                f"delayed scales are known, else the reference); {compiled}")
+    return f"eager: the PyTorch reference ({why}); {compiled}"
+
+
+def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool):
+    """(y, y_t, amax) from one read of x: `cast_fp8_reference(x, scale, dtype, transposed)` and
+    max(|x|) as a float32 scalar tensor (NaN if x has a NaN, as scaling.amax_of). x: 2D contiguous
+    CUDA (see fused_cast_applies); scale: float32 scalar tensor on x's device."""
+    from ._cast_triton import cast_fp8_kernel
+
+    rows, cols = x.shape
+    y = torch.empty(rows, cols, dtype=dtype, device=x.device)
+    y_t = torch.empty(cols, rows, dtype=dtype, device=x.device) if transposed else None
+    # |x| as int32 bit patterns: for non-negative floats integer order is float order (see the kernel).
+    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
+    if x.numel():
+        grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
+        cast_fp8_kernel[grid](
+            x, y, y if y_t is None else y_t, scale.reshape(1), amax_bits, rows, cols, fp8_max(dtype),
+            TRANSPOSED=transposed, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
+        )  # fmt: skip
+    return y, y_t, amax_bits.view(torch.float32)[0]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)

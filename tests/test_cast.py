@@ -1,0 +1,172 @@
+"""hf_fp8.cast: the reference cast (what CI runs) against torchao's cast, and the Triton kernel
+against the reference, bit for bit (CUDA cases: run on the GPU machine); in eager CUDA mode the FP8
+linear reads its operands in the layouts the Triton casts write (no transposing copies)."""
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import hf_fp8
+from hf_fp8 import cast
+from hf_fp8._torchao import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
+from hf_fp8.scaling import amax_of
+
+FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the H200 runs these)")
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.uint8)
+
+
+def sample(shape, dtype, device, seed):
+    """Gaussian values spread over ~6 decades, so the cast saturates some, rounds most and
+    flushes some into the subnormals; never all zeros."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.exp(torch.randn(shape, generator=gen) * 3)
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_reference_is_torchaos_cast_and_its_transpose(fp8, dtype):
+    x = sample((48, 80), dtype, "cpu", seed=1)
+    scale = torch.tensor(3.7)
+    y, y_t = cast.cast_fp8_reference(x, scale, fp8, transposed=True)
+    expected = hp_tensor_and_scale_to_float8(x, scale, fp8, LinearMMConfig(), GemmInputRole.INPUT)._data
+    assert torch.equal(bits(y), bits(expected))
+    assert y_t.is_contiguous() and torch.equal(bits(y_t), bits(expected.t()))
+    assert y.float().abs().max() == torch.finfo(fp8).max  # the sample saturates...
+    assert (y.float() != 0).float().mean() > 0.5  # ...and is mostly non-zero
+    assert cast.cast_fp8_reference(x, scale, fp8, transposed=False)[1] is None
+
+
+def test_the_fused_cast_is_chosen_in_eager_mode_only(monkeypatch):
+    x = torch.randn(32, 32)
+    assert not cast.fused_cast_applies(x)  # CPU
+    monkeypatch.setattr(cast, "_eligible", lambda t: True)
+    assert cast.fused_cast_applies(x)
+    seen = []
+
+    def probe(t):
+        seen.append(cast.fused_cast_applies(t))
+        return t + 1
+
+    torch.compile(probe, backend="eager", fullgraph=True)(x)
+    assert seen == [False]
+    monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", False)  # HF_FP8_FUSED_CAST=0
+    assert not cast.fused_cast_applies(x)
+
+
+@cuda
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(256, 512), (100, 300), (1, 16), (4096, 64), (64, 4096), (3, 1000)])
+def test_triton_cast_equals_reference_bitwise(fp8, dtype, shape):
+    x = sample(shape, dtype, "cuda", seed=shape[0] + shape[1])
+    scale = torch.tensor(11.3, device="cuda")
+    assert cast.fused_cast_applies(x)
+    y, y_t, amax = cast.cast_fp8_fused(x, scale, fp8, transposed=True)
+    ref, ref_t = cast.cast_fp8_reference(x, scale, fp8, transposed=True)
+    assert torch.equal(bits(y), bits(ref))
+    assert torch.equal(bits(y_t), bits(ref_t))
+    assert amax.dtype == torch.float32 and amax.item() == amax_of(x).item() > 0
+    y2, none, _ = cast.cast_fp8_fused(x, scale, fp8, transposed=False)
+    assert none is None and torch.equal(bits(y2), bits(ref))
+
+
+def test_report_line_names_the_cast(monkeypatch):
+    assert cast.describe(torch.device("cpu")).startswith("eager: the PyTorch reference (cpu device)")
+    monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", False)
+    assert "HF_FP8_FUSED_CAST=0" in cast.describe(torch.device("cuda", 0))
+
+
+@cuda
+def test_report_line_names_the_triton_cast_on_the_gpu():
+    assert cast.describe(torch.device("cuda")).startswith("eager: one Triton kernel per cast")
+
+
+@cuda
+def test_fp32_inputs_take_the_reference():
+    """The kernel's transposed store was wrong for FP32 inputs (Triton 3.6, H200): not used for them."""
+    assert not cast.fused_cast_applies(torch.randn(64, 64, device="cuda"))
+    assert cast.fused_cast_applies(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))
+
+
+@cuda
+def test_triton_amax_propagates_nan_and_inf_and_handles_empty():
+    x = sample((128, 128), torch.bfloat16, "cuda", seed=3)
+    scale = torch.tensor(1.0, device="cuda")
+    x[7, 9] = float("inf")
+    assert cast.cast_fp8_fused(x, scale, FP8[0], True)[2].item() == float("inf")
+    x[100, 3] = -float("nan")
+    y, _, amax = cast.cast_fp8_fused(x, scale, FP8[0], True)
+    assert amax.isnan() and y[100, 3].float().isnan()
+    y, y_t, amax = cast.cast_fp8_fused(torch.empty(0, 32, device="cuda", dtype=torch.bfloat16), scale, FP8[1], True)
+    assert y.shape == (0, 32) and y_t.shape == (32, 0) and amax.item() == 0.0
+
+
+class _ScaledMMOperands(TorchDispatchMode):
+    """Records the storages of every torch._scaled_mm operand."""
+
+    def __init__(self):
+        super().__init__()
+        self.operands = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._scaled_mm.default:
+            self.operands += [args[0].untyped_storage().data_ptr(), args[1].untyped_storage().data_ptr()]
+        return func(*args, **(kwargs or {}))
+
+
+@cuda
+def test_eager_fp8_gemms_read_the_tensors_the_triton_cast_wrote(monkeypatch):
+    """In eager CUDA mode every GEMM operand is a Triton cast's output as written, in either layout:
+    no transposing copy in between. (Before, torchao's matmul backward made three aten copies per
+    layer; on an H200 they ran ~10x slower than a tiled kernel.)"""
+    written = []
+    real = hf_fp8.linear.cast_fp8_fused
+
+    def recording(*args):
+        y, y_t, amax = real(*args)
+        written.extend(t.untyped_storage().data_ptr() for t in (y, y_t) if t is not None)
+        return y, y_t, amax
+
+    monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", recording)
+    layer = hf_fp8.FP8Linear(64, 32, device="cuda", dtype=torch.bfloat16)
+    for step in range(3):  # the host knows the delayed scales after two updates
+        x = torch.randn(48, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        written.clear()
+        mode = _ScaledMMOperands()
+        with mode:
+            layer(x).backward(torch.randn(48, 32, device="cuda", dtype=torch.bfloat16))
+        hf_fp8.update_scales(layer)
+    assert len(mode.operands) == 6 and set(mode.operands) <= set(written)
+    assert torch.isfinite(x.grad).all() and torch.isfinite(layer.weight.grad).all()
+
+
+@cuda
+@pytest.mark.parametrize("tokens", [64, 40])
+def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, tokens):
+    """Four steps of an FP8 layer (scales updated after each): outputs, gradients and amaxes with the
+    Triton cast equal those with the reference cast, bit for bit."""
+    results, fused_calls = [], []
+    real = hf_fp8.linear.cast_fp8_fused
+    monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", lambda *a: fused_calls.append(1) or real(*a))
+    for fused in (True, False):
+        monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", fused)
+        torch.manual_seed(0)
+        layer = hf_fp8.FP8Linear(128, 64, device="cuda", dtype=torch.bfloat16)
+        run = []
+        for step in range(4):
+            x = sample((tokens, 128), torch.bfloat16, "cuda", seed=step).requires_grad_()
+            out = layer(x)
+            out.backward(sample((tokens, 64), torch.bfloat16, "cuda", seed=10 + step))
+            run += [out.detach(), x.grad, layer.weight.grad.clone(), layer.fp8_scale.pending_amax.clone()]
+            layer.weight.grad = None
+            hf_fp8.update_scales(layer)
+        results.append(run)
+        if fused:  # steps 3 and 4 (the host knows the delayed scales one update late): input, weight, grad-output
+            assert len(fused_calls) >= 6
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
