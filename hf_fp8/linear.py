@@ -126,7 +126,11 @@ class _FP8GEMMs(torch.autograd.Function):
     def forward(ctx, x, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state: DelayedScale, linear_layout: bool):
         ctx.state, ctx.linear_layout = state, linear_layout
         ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
-        ctx.save_for_backward(x8 if x8_t is None else x8_t, x_scale, w8_nk if w8_kn is None else w8_kn, w_scale)
+        # Keep only what backward reads: x for the grad-weight GEMM, w for the grad-input GEMM (a
+        # frozen LoRA base layer keeps no copy of its input).
+        x_kept = (x8 if x8_t is None else x8_t) if ctx.needs_input_grad[1] else None
+        w_kept = (w8_nk if w8_kn is None else w8_kn) if ctx.needs_input_grad[0] else None
+        ctx.save_for_backward(x_kept, x_scale, w_kept, w_scale)
         return _gemm(x8, x_scale, w8_nk.t(), w_scale, x.dtype, fast_accum=True)
 
     @staticmethod

@@ -126,6 +126,30 @@ def test_backward_saves_fp8_not_high_precision_activations():
     assert not any(t.dtype in (torch.bfloat16, torch.float32) and t.numel() > 1 for t in saved)
 
 
+def test_backward_keeps_only_what_its_gemms_read():
+    """A frozen weight (LoRA base layer) needs no grad-weight GEMM, so no copy of the input is kept;
+    an input that needs no gradient keeps no weight copy."""
+    layer = hf_fp8.FP8Linear(64, 32, dtype=torch.bfloat16)
+
+    def fp8_saved(x):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = layer(x)
+        return sorted(tuple(t.shape) for t in saved if t.dtype == torch.float8_e4m3fn), out
+
+    layer.weight.requires_grad_(False)
+    x = torch.randn(16, 64, dtype=torch.bfloat16, requires_grad=True)
+    shapes, out = fp8_saved(x)
+    assert shapes == [(32, 64)]  # the weight only
+    out.sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    layer.weight.requires_grad_(True)
+    shapes, out = fp8_saved(torch.randn(16, 64, dtype=torch.bfloat16))
+    assert shapes == [(16, 64)]  # the input only
+    out.sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+
+
 def test_from_linear_shares_parameters_and_to_linear_reverts():
     lin = nn.Linear(32, 48)
     fp8 = hf_fp8.FP8Linear.from_linear(lin)
