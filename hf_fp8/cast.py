@@ -34,15 +34,20 @@ FUSED_CAST_ENABLED = os.environ.get("HF_FP8_FUSED_CAST", "1") != "0"
 _BLOCK = 64
 
 
-def fp8_max(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).max
+def to_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """saturate(x * scale) in `dtype`, x upcast to FP32 first, rounded to nearest even: torchao's
+    hp_tensor_and_scale_to_float8 expression, which every FP8 cast of hf_fp8 computes."""
+    return to_fp8_saturated(x.float() * scale, dtype)
 
 
 def cast_fp8_reference(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool):
-    """(y, y_t): y = saturate(x * scale) in `dtype` (x upcast to FP32 first, round to nearest even),
-    y_t = y.T contiguous (or None). torchao's hp_tensor_and_scale_to_float8 expression."""
-    y = to_fp8_saturated(x.float() * scale, dtype)
+    """(y, y_t): y = to_fp8(x, scale, dtype), y_t = y.T contiguous (or None)."""
+    y = to_fp8(x, scale, dtype)
     return y, (y.t().contiguous() if transposed else None)
+
+
+def _index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 @functools.cache
@@ -72,7 +77,7 @@ def _eligible(x: torch.Tensor) -> bool:
         and x.dim() == 2
         and x.is_contiguous()
         and x.dtype in (torch.bfloat16, torch.float16)
-        and _triton_ok(x.device.index if x.device.index is not None else torch.cuda.current_device())
+        and _triton_ok(_index(x.device))
     )
 
 
@@ -83,7 +88,7 @@ def describe(device: torch.device) -> str:
         why = f"{device.type} device"
     elif not FUSED_CAST_ENABLED:
         why = "HF_FP8_FUSED_CAST=0"
-    elif not _triton_ok(device.index if device.index is not None else torch.cuda.current_device()):
+    elif not _triton_ok(_index(device)):
         why = "needs Triton and a GPU of compute capability 8.9+"
     else:
         return (f"eager: one Triton kernel per cast (cast, amax and transposed copy; BF16/FP16 tensors once the "
@@ -105,7 +110,7 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     if x.numel():
         grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
         cast_fp8_kernel[grid](
-            x, y, y if y_t is None else y_t, scale.reshape(1), amax_bits, rows, cols, fp8_max(dtype),
+            x, y, y if y_t is None else y_t, scale.reshape(1), amax_bits, rows, cols, torch.finfo(dtype).max,
             TRANSPOSED=transposed, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
         )  # fmt: skip
     return y, y_t, amax_bits.view(torch.float32)[0]

@@ -39,9 +39,10 @@ _MM_CONFIG = LinearMMConfig(
 
 
 def _cast_delayed(x: torch.Tensor, state: DelayedScale, i: int, record: bool, shared: DelayedScale | None = None,
-                  transposed: bool = False):  # fmt: skip
+                  transposed: bool = False, fused: bool | None = None):  # fmt: skip
     """(x_fp8, x_fp8_t, scale): 2D `x` cast to FP8 with role i's delayed scale, its transposed copy
     (None unless `transposed`), and the scale used (data = value * scale). Records the amax when `record`.
+    `fused`: the caller's `_fused_cast(x, source)` when it already asked (else it is asked here).
 
     `shared`: cast with this state's scale instead (a sibling linear reading the same input), and
     record the amax there too, so the shared scale covers every sibling's input. All siblings'
@@ -51,7 +52,7 @@ def _cast_delayed(x: torch.Tensor, state: DelayedScale, i: int, record: bool, sh
     (hf_fp8.cast); the first steps, CPU and torch.compile use the reference expression."""
     x = x.detach()  # the casts are not differentiated: _FP8GEMMs routes the gradients
     source = shared if shared is not None else state
-    if _fused_cast(x, source):
+    if _fused_cast(x, source) if fused is None else fused:
         scale = source.scale[i]
         x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed)
     else:
@@ -172,20 +173,23 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     # and the forward GEMM takes its transpose.
     linear_layout = fp8_weight or weight_t.t().is_contiguous()
     w_stored = weight_t if fp8_weight else weight_t.t() if linear_layout else weight_t.contiguous()
-    # Transposed copies for backward: written by the fused cast when it runs (else backward makes them).
-    x_t_now = grad and weight_t.requires_grad and _fused_cast(x2d, shared or state)  # grad-weight GEMM
-    w_t_now = grad and x.requires_grad and not fp8_weight and _fused_cast(w_stored, state)  # grad-input GEMM
+    # Transposed copies for backward (x: grad-weight GEMM, w: grad-input GEMM): written by the fused
+    # cast when it runs, else made in backward from the kept FP8 copy.
+    x_fused = _fused_cast(x2d, shared or state)
+    w_fused = not fp8_weight and _fused_cast(w_stored, state)
+    x_t_now = grad and weight_t.requires_grad and x_fused
+    w_t_now = grad and x.requires_grad and w_fused
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
-        x8, x8_t, x_scale = _cast_delayed(x2d, state, _INPUT, record, shared, transposed=x_t_now)
+        x8, x8_t, x_scale = _cast_delayed(x2d, state, _INPUT, record, shared, transposed=x_t_now, fused=x_fused)
         if fp8_weight:
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
             w8_nk, w8_kn, w_scale = weight_t._data.t().contiguous(), None, weight_t._scale
         elif linear_layout:
-            w8_nk, w8_kn, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=w_t_now)
+            w8_nk, w8_kn, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=w_t_now, fused=w_fused)
         else:
-            w8_kn, w8_nk, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=True)
+            w8_kn, w8_nk, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=True, fused=w_fused)
         out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state, linear_layout)
     return out.reshape(*shape[:-1], out.shape[-1])
 

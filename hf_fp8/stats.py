@@ -62,6 +62,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.pytorch_utils import Conv1D
 
+from ._torchao import to_fp8_saturated
 from .attention.register import ATTN_IMPLEMENTATION, FALLBACK_ATTR, STATE_ATTR
 from .linear import LINEAR_ROLES, _autocast_input
 from .scaling import DelayedScale, amax_of, cast_scale, delayed_scale_states
@@ -188,8 +189,7 @@ def cast_counts(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> tor
     cast; their ratio is the cast's SQNR (scale-free: both scale with scale**2)."""
     x = x.detach()
     y = x.float() * scale
-    fp8_max = torch.finfo(dtype).max
-    q = y.clamp(-fp8_max, fp8_max).to(dtype)  # the saturating cast FP8Linear does
+    q = to_fp8_saturated(y, dtype)  # the saturating cast FP8Linear does (hf_fp8.cast.to_fp8)
     over = (y.abs() > overflow_threshold(dtype)).sum()
     under = ((q == 0) & (x != 0)).sum()
     # fp8(y) - y is exact in float32 (y has 24 significant bits, fp8(y) 4 or 3); summed in float32

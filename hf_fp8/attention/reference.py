@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from .._torchao import to_fp8_saturated
+from ..cast import to_fp8  # the saturating cast FP8Linear's casts use
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
 
@@ -63,11 +63,6 @@ def attention_dtypes(recipe: FP8Recipe) -> tuple[torch.dtype, ...]:
 def new_attention_scales(recipe: FP8Recipe, device=None) -> DelayedScale:
     """The DelayedScale of one attention module."""
     return DelayedScale(ATTENTION_ROLES, attention_dtypes(recipe), recipe, device=device)
-
-
-def to_fp8(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # Saturating cast (torchao's, as FP8Linear's casts): beyond the format's range clips to +-max.
-    return to_fp8_saturated(x.float() * scale, dtype)
 
 
 def cast_input(x: torch.Tensor, amax: torch.Tensor, state: DelayedScale, i: int, record: bool):
