@@ -27,3 +27,13 @@ def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, rows, cols,
     if TRANSPOSED:
         # y_t is cols x rows; Triton stages the tile through shared memory so the store is coalesced.
         tl.store(y_t_ptr + c[None, :].to(tl.int64) * rows + r[:, None], y, mask=mask)
+
+
+@triton.jit
+def transpose_bytes_kernel(y_ptr, y_t_ptr, rows, cols, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # y (rows x cols, 1-byte elements, row-major) -> y_t (cols x rows), one tile per program.
+    r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (r[:, None] < rows) & (c[None, :] < cols)
+    tile = tl.load(y_ptr + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask)
+    tl.store(y_t_ptr + c[None, :].to(tl.int64) * rows + r[:, None], tile, mask=mask)

@@ -2,13 +2,12 @@
 and the amax of the input.
 
 Hopper's FP8 GEMM wants both operands K-major, so the weight-gradient GEMM needs the activations
-and gradients transposed, in FP8. Two implementations with the same numerics (bit for bit, for the
-BF16/FP16 inputs the kernel takes):
+and gradients transposed, in FP8. Two implementations with the same numerics (bit for bit):
 
   cast_fp8_reference  plain PyTorch. CPU runs it, and it is what torch.compile sees: inductor fuses
                       it with the op that produces x (and the amax with it, see scaling.amax_of)
                       and writes both layouts from one kernel.
-  cast_fp8_fused      one Triton kernel (CUDA, FP8-capable GPUs, eager mode, BF16/FP16 x): reads x once,
+  cast_fp8_fused      one Triton kernel (CUDA, FP8-capable GPUs, eager mode): reads x once,
                       writes the FP8 tensor and its transposed copy, and max-reduces |x| with
                       atomics. In eager mode the reference is ~8 full-tensor passes with FP32
                       intermediates, and aten's transposing copy of a 1-byte tensor is slow (H200,
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 from ._torchao import to_fp8_saturated
+from .scaling import memory_order
 
 FUSED_CAST_ENABLED = os.environ.get("HF_FP8_FUSED_CAST", "1") != "0"
 # Tile of the Triton kernel: 64 x 64 elements, small enough that the transposed store is coalesced
@@ -67,16 +67,14 @@ def fused_cast_applies(x: torch.Tensor) -> bool:
 
 
 def _eligible(x: torch.Tensor) -> bool:
-    """A real CUDA tensor (not a fake/functional one), 2D contiguous, BF16 or FP16, on a GPU where
-    Triton converts to FP8. FP32 inputs (weights of FP32 models without autocast) take the reference:
-    on the H200 with Triton 3.6 the kernel's transposed store came out wrong for them (some elements
-    swapped within groups of four), while BF16/FP16 inputs match the reference bit for bit."""
+    """A real CUDA tensor (not a fake/functional one), 2D contiguous, BF16/FP16/FP32, on a GPU where
+    Triton converts to FP8."""
     return (
         type(x) in (torch.Tensor, nn.Parameter)
         and x.is_cuda
         and x.dim() == 2
         and x.is_contiguous()
-        and x.dtype in (torch.bfloat16, torch.float16)
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
         and _triton_ok(_index(x.device))
     )
 
@@ -91,8 +89,8 @@ def describe(device: torch.device) -> str:
     elif not _triton_ok(_index(device)):
         why = "needs Triton and a GPU of compute capability 8.9+"
     else:
-        return (f"eager: one Triton kernel per cast (cast, amax and transposed copy; BF16/FP16 tensors once the "
-                f"delayed scales are known, else the reference); {compiled}")
+        return (f"eager: one Triton kernel per cast (cast, amax and transposed copy; FP32 tensors: a second one "
+                f"for the transposed copy), once the delayed scales are known, else the reference; {compiled}")
     return f"eager: the PyTorch reference ({why}); {compiled}"
 
 
@@ -100,7 +98,7 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     """(y, y_t, amax) from one read of x: `cast_fp8_reference(x, scale, dtype, transposed)` and
     max(|x|) as a float32 scalar tensor (NaN if x has a NaN, as scaling.amax_of). x: 2D contiguous
     CUDA (see fused_cast_applies); scale: float32 scalar tensor on x's device."""
-    from ._cast_triton import cast_fp8_kernel
+    from ._cast_triton import cast_fp8_kernel, transpose_bytes_kernel
 
     rows, cols = x.shape
     y = torch.empty(rows, cols, dtype=dtype, device=x.device)
@@ -109,11 +107,35 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
     if x.numel():
         grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
+        # FP32 input (master weights under autocast): the kernel's transposed store came out wrong for
+        # it on the H200 with Triton 3.6 (elements swapped within groups of four; BF16/FP16 bit-exact),
+        # so the transposed copy is a second kernel, a byte transpose of y.
+        one_pass = transposed and x.dtype != torch.float32
         cast_fp8_kernel[grid](
-            x, y, y if y_t is None else y_t, scale.reshape(1), amax_bits, rows, cols, torch.finfo(dtype).max,
-            TRANSPOSED=transposed, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
+            x, y, y_t if one_pass else y, scale.reshape(1), amax_bits, rows, cols, torch.finfo(dtype).max,
+            TRANSPOSED=one_pass, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
         )  # fmt: skip
+        if transposed and not one_pass:
+            transpose_bytes_kernel[grid](y.view(torch.uint8), y_t.view(torch.uint8), rows, cols, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
     return y, y_t, amax_bits.view(torch.float32)[0]
+
+
+def fused_cast_applies_any_layout(x: torch.Tensor) -> bool:
+    """`fused_cast_applies` for a tensor of rank >= 1 stored densely in some dim order, such as
+    attention's (B, H, S, D) query, a transposed view of (B, S, H, D) memory."""
+    if x.dim() == 0 or not FUSED_CAST_ENABLED or torch.compiler.is_compiling():
+        return False
+    mem = x.permute(memory_order(x))
+    return mem.is_contiguous() and _eligible(mem.reshape(-1, mem.shape[-1]))
+
+
+def cast_fp8_fused_any_layout(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """(y, amax) with y = the reference cast of x, with x's strides (as the reference gives), from one
+    read of x: the kernel runs on x's memory viewed as 2D (see fused_cast_applies_any_layout)."""
+    order = memory_order(x)
+    mem = x.permute(order)
+    y, _, amax = cast_fp8_fused(mem.reshape(-1, mem.shape[-1]), scale, dtype, transposed=False)
+    return y.view(mem.shape).permute([order.index(d) for d in range(x.dim())]), amax
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -123,8 +123,13 @@ def in_memory_order(x: torch.Tensor) -> torch.Tensor:
     one 38 us kernel."""
     if x.is_contiguous():
         return x
-    view = x.permute(sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True))
+    view = x.permute(memory_order(x))
     return view if view.is_contiguous() else x
+
+
+def memory_order(x: torch.Tensor) -> list[int]:
+    """x's dims from the largest stride to the smallest (its memory order when x is dense)."""
+    return sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
 
 
 def amax_of(x: torch.Tensor) -> torch.Tensor:

@@ -60,7 +60,7 @@ def test_the_fused_cast_is_chosen_in_eager_mode_only(monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("fp8", FP8)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # FP32: two kernels
 @pytest.mark.parametrize("shape", [(256, 512), (100, 300), (1, 16), (4096, 64), (64, 4096), (3, 1000)])
 def test_triton_cast_equals_reference_bitwise(fp8, dtype, shape):
     x = sample(shape, dtype, "cuda", seed=shape[0] + shape[1])
@@ -84,13 +84,6 @@ def test_report_line_names_the_cast(monkeypatch):
 @cuda
 def test_report_line_names_the_triton_cast_on_the_gpu():
     assert cast.describe(torch.device("cuda")).startswith("eager: one Triton kernel per cast")
-
-
-@cuda
-def test_fp32_inputs_take_the_reference():
-    """The kernel's transposed store was wrong for FP32 inputs (Triton 3.6, H200): not used for them."""
-    assert not cast.fused_cast_applies(torch.randn(64, 64, device="cuda"))
-    assert cast.fused_cast_applies(torch.randn(64, 64, device="cuda", dtype=torch.bfloat16))
 
 
 @cuda
@@ -147,20 +140,24 @@ def test_eager_fp8_gemms_read_the_tensors_the_triton_cast_wrote(monkeypatch):
 
 @cuda
 @pytest.mark.parametrize("tokens", [64, 40])
-def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, tokens):
+@pytest.mark.parametrize("master_weights", ["bf16", "fp32 + autocast"])
+def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, tokens, master_weights):
     """Four steps of an FP8 layer (scales updated after each): outputs, gradients and amaxes with the
-    Triton cast equal those with the reference cast, bit for bit."""
+    Triton cast equal those with the reference cast, bit for bit; BF16 weights, or FP32 master weights
+    under BF16 autocast (the Trainer's bf16=True)."""
+    autocast = master_weights != "bf16"
     results, fused_calls = [], []
     real = hf_fp8.linear.cast_fp8_fused
     monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", lambda *a: fused_calls.append(1) or real(*a))
     for fused in (True, False):
         monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", fused)
         torch.manual_seed(0)
-        layer = hf_fp8.FP8Linear(128, 64, device="cuda", dtype=torch.bfloat16)
+        layer = hf_fp8.FP8Linear(128, 64, device="cuda", dtype=torch.float32 if autocast else torch.bfloat16)
         run = []
         for step in range(4):
             x = sample((tokens, 128), torch.bfloat16, "cuda", seed=step).requires_grad_()
-            out = layer(x)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+                out = layer(x)
             out.backward(sample((tokens, 64), torch.bfloat16, "cuda", seed=10 + step))
             run += [out.detach(), x.grad, layer.weight.grad.clone(), layer.fp8_scale.pending_amax.clone()]
             layer.weight.grad = None
@@ -170,3 +167,54 @@ def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, token
             assert len(fused_calls) >= 6
     for a, b in zip(*results):
         assert torch.equal(a, b)
+
+
+def _emulated_kernel(x, scale, dtype, transposed):
+    """cast_fp8_fused's contract on CPU (the reference plus the amax), to test the code around it."""
+    y, y_t = cast.cast_fp8_reference(x, scale, dtype, transposed)
+    return y, y_t, amax_of(x)
+
+
+def test_attention_casts_any_layout_through_the_2d_kernel_with_the_reference_strides(monkeypatch):
+    """Attention's Q/K/V are (B, H, S, D) views of (B, S, H, D) memory: the fused path casts the
+    memory as 2D and hands back a tensor with the input's strides, equal to the reference cast."""
+    from hf_fp8.attention.reference import new_attention_scales, to_fp8, cast_input
+
+    monkeypatch.setattr(cast, "_eligible", lambda t: t.dim() == 2 and t.is_contiguous())
+    monkeypatch.setattr(cast, "cast_fp8_fused", _emulated_kernel)
+    q = sample((2, 5, 3, 16), torch.bfloat16, "cpu", seed=4).transpose(1, 2)  # (B, H=3, S=5, D)
+    assert not q.is_contiguous() and cast.fused_cast_applies_any_layout(q)
+    scale = torch.tensor(2.5)
+    y, amax = cast.cast_fp8_fused_any_layout(q, scale, FP8[0])
+    ref = to_fp8(q, scale, FP8[0])
+    assert y.shape == ref.shape and y.stride() == ref.stride() == q.stride()
+    assert torch.equal(bits(y), bits(ref)) and amax == amax_of(q)
+    # In attention: the same data, scale and recorded amax as the reference path.
+    state = new_attention_scales(hf_fp8.FP8Recipe(attention=True))
+    state.updated_on_host = True  # as after two updates
+    fused = cast_input(q, state, 0, record=True)
+    monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", False)
+    pending = state.pending_amax.clone()
+    reference = cast_input(q, state, 0, record=True)
+    assert torch.equal(bits(fused[0]), bits(reference[0])) and fused[0].stride() == reference[0].stride()
+    assert torch.equal(fused[1], reference[1]) and torch.equal(fused[2], reference[2])
+    assert torch.equal(pending, state.pending_amax)  # both recorded the same amax
+
+
+def test_broadcast_or_overlapping_tensors_take_the_reference(monkeypatch):
+    monkeypatch.setattr(cast, "_eligible", lambda t: t.dim() == 2 and t.is_contiguous())
+    expanded = torch.randn(1, 1, 4, 16, dtype=torch.bfloat16).expand(2, 3, 4, 16)  # a sum()'s gradient
+    assert not cast.fused_cast_applies_any_layout(expanded)
+    assert not cast.fused_cast_applies_any_layout(torch.tensor(1.0))
+
+
+@cuda
+@pytest.mark.parametrize("fp8", FP8)
+def test_triton_cast_of_attention_layouts_equals_reference_bitwise(fp8):
+    q = sample((2, 256, 8, 64), torch.bfloat16, "cuda", seed=9).transpose(1, 2)  # (B, H, S, D) of BSHD memory
+    scale = torch.tensor(7.0, device="cuda")
+    assert cast.fused_cast_applies_any_layout(q)
+    y, amax = cast.cast_fp8_fused_any_layout(q, scale, fp8)
+    ref = cast.cast_fp8_reference(q.contiguous(), scale, fp8, False)[0]
+    assert y.stride() == q.stride() and torch.equal(bits(y.contiguous()), bits(ref))
+    assert amax.item() == amax_of(q).item()

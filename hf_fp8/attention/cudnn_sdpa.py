@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
+from ..scaling import DelayedScale, cast_scale, record_amax
 from .reference import (
     _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V,
     P_SCALE, cast_input, first_step_bounds, forward_output_bound, measures_first,
@@ -322,10 +322,9 @@ class _CudnnFP8Attention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, softmax_scale: float, causal: bool, state: DelayedScale, record: bool, out_dtype):
         # q (B, Hq, S, D); k, v (B, Hkv, S, D): any float dtype, any strides.
-        amax_q, amax_k, amax_v = amax_of(q), amax_of(k), amax_of(v)
-        q8, sq = cast_input(q, amax_q, state, _Q, record)
-        k8, sk = cast_input(k, amax_k, state, _K, record)
-        v8, sv = cast_input(v, amax_v, state, _V, record)
+        (q8, sq, amax_q), (k8, sk, amax_k), (v8, sv, amax_v) = (
+            cast_input(t, state, i, record) for t, i in ((q, _Q), (k, _K), (v, _V))
+        )
         so = cast_scale(state, _O, forward_output_bound(amax_v))
         o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
         if measures_first(state, record):  # first training step: that pass measured amax(O); now cast with it
@@ -343,8 +342,7 @@ class _CudnnFP8Attention(torch.autograd.Function):
         q8, k8, v8, o8, stats, scales, amaxes = ctx.saved_tensors
         state, softmax_scale = ctx.state, ctx.softmax_scale
         sq, sk, sv, so = scales.unbind()
-        amax_do = amax_of(grad_out)
-        do8, sdo = cast_input(grad_out, amax_do, state, _DO, True)
+        do8, sdo, amax_do = cast_input(grad_out, state, _DO, True)
         groups = q8.shape[1] // k8.shape[1]
         bound_ds, bound_dq, bound_dk, bound_dv = first_step_bounds(
             *amaxes.unbind(), amax_do, q8.shape[-1], q8.shape[2], groups, softmax_scale

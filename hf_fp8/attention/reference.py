@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cast import to_fp8  # the saturating cast FP8Linear's casts use
+from ..cast import cast_fp8_fused_any_layout, fused_cast_applies_any_layout, to_fp8
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale, amax_of, cast_scale, record_amax
 
@@ -65,12 +65,20 @@ def new_attention_scales(recipe: FP8Recipe, device=None) -> DelayedScale:
     return DelayedScale(ATTENTION_ROLES, attention_dtypes(recipe), recipe, device=device)
 
 
-def cast_input(x: torch.Tensor, amax: torch.Tensor, state: DelayedScale, i: int, record: bool):
-    """(FP8 data, scale) of x (whose amax is `amax`) with role i's delayed scale."""
+def cast_input(x: torch.Tensor, state: DelayedScale, i: int, record: bool):
+    """(FP8 data with x's strides, scale, amax) of x with role i's delayed scale; the amax is recorded
+    when `record`. Eager BF16/FP16 CUDA tensors, once the delayed scale is known on the host: one
+    Triton pass (hf_fp8.cast); else amax_of and the reference cast (what torch.compile fuses)."""
+    if state.updated_on_host and fused_cast_applies_any_layout(x):
+        scale = state.scale[i]
+        x8, amax = cast_fp8_fused_any_layout(x, scale, state.dtypes[i])
+    else:
+        amax = amax_of(x)
+        scale = cast_scale(state, i, amax)
+        x8 = to_fp8(x, scale, state.dtypes[i])
     if record:
         record_amax(state, i, amax)
-    scale = cast_scale(state, i, amax)
-    return to_fp8(x, scale, state.dtypes[i]), scale
+    return x8, scale, amax
 
 
 def _dequant(data: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -140,10 +148,9 @@ class _FP8Attention(torch.autograd.Function):
         # q: (B, Hq, Q, D); k, v: (B, Hkv, K, D), Hq a multiple of Hkv (GQA);
         # mask: None or additive float (B or 1, 1 or Hq, Q, K) with 0 (attend) / -inf (masked).
         groups = q.shape[1] // k.shape[1]
-        amax_q, amax_k, amax_v = amax_of(q), amax_of(k), amax_of(v)
-        q8, sq = cast_input(q, amax_q, state, _Q, record)
-        k8, sk = cast_input(k, amax_k, state, _K, record)
-        v8, sv = cast_input(v, amax_v, state, _V, record)
+        (q8, sq, amax_q), (k8, sk, amax_k), (v8, sv, amax_v) = (
+            cast_input(t, state, i, record) for t, i in ((q, _Q), (k, _K), (v, _V))
+        )
         kf = _dequant(k8, sk).repeat_interleave(groups, dim=1)
         vf = _dequant(v8, sv).repeat_interleave(groups, dim=1)
         scores = _dequant(q8, sq) @ kf.transpose(-1, -2) * softmax_scale
@@ -176,8 +183,7 @@ class _FP8Attention(torch.autograd.Function):
         p = e / rowsum
         p8 = to_fp8(p, P_SCALE, torch.float8_e4m3fn)
 
-        amax_do = amax_of(grad_out)
-        do8, sdo = cast_input(grad_out, amax_do, state, _DO, True)
+        do8, sdo, amax_do = cast_input(grad_out, state, _DO, True)
         do = _dequant(do8, sdo)
         bound_ds, bound_dq, bound_dk, bound_dv = first_step_bounds(
             *amaxes.unbind(), amax_do, q.shape[-1], q.shape[2], groups, softmax_scale
