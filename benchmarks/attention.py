@@ -1,6 +1,7 @@
 """Attention alone, forward + backward: BF16 SDPA (PyTorch's default; cuDNN on Hopper) vs hf_fp8's
-FP8 attention (whatever `hf_fp8_attention_forward` picks: cuDNN's fused FP8 kernel on sm_90 with
-nvidia-cudnn-frontend at head dim 128, else the pure-PyTorch reference).
+FP8 attention: whatever `hf_fp8_attention_forward` picks (`--kernels auto`: cuDNN's fused FP8
+kernel on sm_90 with nvidia-cudnn-frontend at head dim 128, else hf_fp8's Triton kernel), or each
+kernel named in `--kernels` (cudnn, triton, reference) forced in turn.
 
 Causal, batch x heads x seq x head_dim as given, Q/K/V laid out as a HF model hands them over
 (`--layout bshd`: transposed views of (B, S, H, D) projections) or contiguous (B, H, S, D). Both
@@ -29,7 +30,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_fp8
-from hf_fp8.attention import hf_fp8_attention_forward, new_attention_scales
+from hf_fp8.attention import hf_fp8_attention_forward, kernels, new_attention_scales
 
 
 class _Attention(nn.Module):
@@ -117,11 +118,13 @@ def main():
     p.add_argument("--warmup", type=int, default=4)
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--eager", action="store_true", help="no torch.compile")
+    p.add_argument("--kernels", default="auto",
+                   help="comma-separated FP8 attention kernels to time: auto (hf_fp8's choice), cudnn, triton, reference")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a profiler table and trace per case")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     results = {}
-    header = f"{'case':<18} {'':>10} {'latency ms':>10} {'thru ms':>8} {'host ms':>8} {'vs SDPA (lat/thru)':>19}"
+    header = f"{'case':<18} {'':>22} {'latency ms':>10} {'thru ms':>8} {'host ms':>8} {'vs SDPA (lat/thru)':>19}"
     print(header)
     for case in args.cases.split(","):
         b, h, s, d = map(int, case.split("x"))
@@ -129,22 +132,37 @@ def main():
         q, k, v, grad = _inputs(b, h, args.kv_heads, s, d, args.layout)
         module = _Attention(h, args.kv_heads).train()
         row = {}
-        for name, fn in (("sdpa_bf16", sdpa_attention_forward), ("hf_fp8", hf_fp8_attention_forward)):
+        runs = [("sdpa_bf16", sdpa_attention_forward, None)]
+        runs += [(f"hf_fp8_{c}" if c != "auto" else "hf_fp8", hf_fp8_attention_forward, c) for c in args.kernels.split(",")]
+        for name, fn, kernel in runs:
+            if kernel is not None:
+                kernels._CHOICE = kernel
+                module = _Attention(h, args.kv_heads).train()  # fresh scales per kernel
+                torch._dynamo.reset()
             # Static shapes per case, as in training: after a shape change torch.compile would
             # otherwise recompile with dynamic shapes, and AOTAutograd then copies the incoming
             # gradient to a contiguous layout (~0.1 ms at 8192 on the H200).
             call = fn if args.eager else torch.compile(fn, dynamic=False)
-            row[name] = time_fwd_bwd(call, module, q, k, v, grad, args.warmup, args.iters, fn is hf_fp8_attention_forward)
-            if args.profile and fn is hf_fp8_attention_forward:
-                profile_fp8(call, module, q, k, v, grad, Path(args.profile), case)
-        sdpa, fp8 = row["sdpa_bf16"], row["hf_fp8"]
-        row["speedup_latency"] = sdpa["latency_ms"] / fp8["latency_ms"]
-        row["speedup_throughput"] = sdpa["throughput_ms"] / fp8["throughput_ms"]
+            try:
+                row[name] = time_fwd_bwd(call, module, q, k, v, grad, args.warmup, args.iters, kernel is not None)
+            except Exception as e:  # e.g. cudnn forced at a head dim it declines: record and go on
+                print(f"{case:<18} {name:>10} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            if kernel is not None:
+                row[name]["kernel"] = kernels.kernel_for(q, k, None, True)[0]
+            if args.profile and kernel is not None:
+                profile_fp8(call, module, q, k, v, grad, Path(args.profile), f"{case}_{name}")
+        sdpa = row["sdpa_bf16"]
+        for name, r in row.items():
+            if name != "sdpa_bf16":
+                r["speedup_latency"] = sdpa["latency_ms"] / r["latency_ms"]
+                r["speedup_throughput"] = sdpa["throughput_ms"] / r["throughput_ms"]
         results[case] = row
-        for name in ("sdpa_bf16", "hf_fp8"):
-            r = row[name]
-            ratio = f"{row['speedup_latency']:.3f} / {row['speedup_throughput']:.3f}" if name == "hf_fp8" else ""
-            print(f"{case:<18} {name:>10} {r['latency_ms']:>10.2f} {r['throughput_ms']:>8.2f} {r['host_ms']:>8.2f} {ratio:>19}", flush=True)
+        for name, r in row.items():
+            ratio = f"{r['speedup_latency']:.3f} / {r['speedup_throughput']:.3f}" if name != "sdpa_bf16" else ""
+            label = f"{name} ({r['kernel']})" if "kernel" in r else name
+            times = f"{r['latency_ms']:>10.2f} {r['throughput_ms']:>8.2f} {r['host_ms']:>8.2f}"
+            print(f"{case:<18} {label:>22} {times} {ratio:>19}", flush=True)
         del q, k, v, grad
         torch.cuda.empty_cache()
     if args.out:

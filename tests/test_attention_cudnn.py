@@ -179,16 +179,3 @@ def test_head_dim_64_runs_the_reference():
     q = torch.randn(1, 4, 128, 64, device="cuda", dtype=torch.bfloat16)
     kernel, why = cudnn_sdpa.kernel_for(q, q, None, True)
     assert kernel == "reference" and "head dim 64" in why
-
-
-def test_padding_mask_falls_back_to_the_reference_with_a_warning():
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).cuda()
-    hf_fp8.convert_model(model, hf_fp8.FP8Recipe(attention=True))
-    ids = torch.randint(3, 256, (2, 64), device="cuda")
-    mask = torch.ones_like(ids)
-    mask[1, :9] = 0
-    with pytest.warns(UserWarning, match="reference"):
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            out = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    assert torch.isfinite(out).all()

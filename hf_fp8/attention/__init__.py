@@ -7,7 +7,7 @@ from torch import nn
 
 from ..recipe import FP8Recipe
 from ..scaling import DelayedScale
-from . import cudnn_sdpa
+from . import kernels
 from .reference import ATTENTION_ROLES, attention_dtypes, fp8_attention_reference, new_attention_scales
 from .register import ATTN_IMPLEMENTATION, STATE_ATTR, hf_fp8_attention_forward, register_hf_fp8_attention
 
@@ -76,9 +76,9 @@ def convert_attention(model: nn.Module, recipe: FP8Recipe) -> list[str]:
 
 
 def attention_kernel(device: torch.device) -> str:
-    """Which FP8 attention kernel runs on `device`: one line for reports. Also checks the cuDNN
-    kernel's availability once, outside any torch.compile region."""
-    return cudnn_sdpa.description(device)
+    """Which FP8 attention kernels run on `device`: one line for reports. Also checks the fused
+    kernels' availability once, outside any torch.compile region."""
+    return kernels.description(device)
 
 
 def revert_attention(model: nn.Module) -> list[str]:

@@ -15,7 +15,7 @@ What runs where:
   torch.compile keeps them opaque. Graphs are built once per shape/stride/flag combination.
 Covered: causal (top-left, as SDPA's is_causal) or no mask, GQA/MQA, head dim 128 (cuDNN 9.19's FP8
 backward on Hopper declines any other). Other masks (padding, sliding window) and head dims run on
-the reference; see `kernel_for`.
+hf_fp8's Triton kernel or the reference; see `kernels.py`.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from .reference import (
 _E4M3 = torch.float8_e4m3fn
 _cudnn = None  # the imported `cudnn` module, once `status()` found it usable
 _STATUS: dict[int, str | None] = {}  # CUDA device index -> why the cuDNN kernel cannot run there (None: it can)
-KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # "auto" (default), "cudnn" or "reference"
+KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # "auto" (default), "cudnn", "triton" or "reference" (see kernels.py)
 
 
 def _import_cudnn():
@@ -71,10 +71,10 @@ def status(device: torch.device) -> str | None:
 
 def _check(index: int) -> str | None:
     choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "cudnn", "reference"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected auto, cudnn or reference")
-    if choice == "reference":
-        return f"{KERNEL_ENV}=reference"
+    if choice not in ("auto", "cudnn", "triton", "reference"):
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected auto, cudnn, triton or reference")
+    if choice in ("triton", "reference"):
+        return f"{KERNEL_ENV}={choice}"
     capability = torch.cuda.get_device_capability(index)
     reason = None
     if capability != (9, 0):
@@ -91,13 +91,9 @@ def _check(index: int) -> str | None:
     return reason
 
 
-def description(device: torch.device) -> str:
-    """One line for reports: which FP8 attention kernel runs on `device`."""
-    reason = status(device)
-    if reason is None:
-        return (f"cuDNN FP8 SDPA (cuDNN {_cudnn.backend_version()}) for causal/unmasked batches at head dim 128; "
-                "the reference for other masks and head dims")
-    return f"pure-PyTorch reference ({reason})"
+def backend_version() -> int:
+    """The cuDNN version the frontend loaded (after `status` found it usable)."""
+    return _cudnn.backend_version()
 
 
 def kernel_for(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal: bool) -> tuple[str, str]:

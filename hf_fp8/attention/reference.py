@@ -1,27 +1,34 @@
 """FP8 attention in pure PyTorch: the numerical specification every fused kernel must match.
 
-It follows cuDNN's FP8 SDPA on Hopper (the fused kernel hf_fp8 runs there, see `cudnn_sdpa.py`),
-whose inputs *and outputs* are FP8: besides the GEMM operands, the output O and the gradients
-dQ/dK/dV are stored in FP8 with their own delayed scales and handed to the model dequantized.
+Two kernels run it on the GPU, and the reference has a mode for each (`fp8_outputs`):
+- cuDNN's FP8 SDPA on Hopper (`cudnn_sdpa.py`, fp8_outputs=True): its inputs *and outputs* are
+  FP8, so besides the GEMM operands the output O and the gradients dQ/dK/dV are stored in FP8 with
+  their own delayed scales and handed to the model dequantized;
+- hf_fp8's Triton flash attention (`triton_flash.py`, fp8_outputs=False): the same six FP8 GEMMs,
+  with O/dQ/dK/dV handed back in the model's dtype straight from the FP32 accumulators.
 
 Forward (per batch and query head; Q (q, d), K and V (k, d) of the head's KV group):
     S = (Q_e4m3 @ K_e4m3^T) * softmax_scale + mask          FP8 GEMM 1
     E = exp(S - rowmax(S)), l = rowsum(E) in FP32             (fully masked rows give E = 0)
-    O = (E_e4m3 @ V_e4m3) / l, stored as O_e4m3               FP8 GEMM 2
+    O = (E_e4m3 @ V_e4m3) / l, stored as O_e4m3 (fp8_outputs) FP8 GEMM 2
     (flash kernels normalize O, not P: the FP8 operand is E in [0, 1], whose row max is 1, so
-    small probabilities keep their relative precision instead of sinking into subnormals)
+    small probabilities keep their relative precision instead of sinking into subnormals. A flash
+    kernel rounds E relative to the running row max of the key blocks seen so far, not the final one:
+    the same values rounded at a different scale, a difference of the size of the FP8 rounding
+    itself, which the kernel tests bound against this reference and the exact attention.)
 Backward:
     P = E / l (FP32, recomputed)
     dV = P_e4m3^T @ dO_e5m2                                   FP8 GEMM 3
     dP = dO_e5m2 @ V_e4m3^T                                   FP8 GEMM 4
-    dS = P * (dP - rowsum(dO * O)) * softmax_scale            FP32 (dO and O as FP8 values)
+    dS = P * (dP - rowsum(dO * O)) * softmax_scale            FP32 (dO as FP8 values, O as returned)
     dQ = dS_e5m2 @ K_e4m3                                     FP8 GEMM 5
     dK = dS_e5m2^T @ Q_e4m3                                   FP8 GEMM 6
     (dS here is the gradient of Q K^T before softmax_scale: cuDNN's "dP", whose amax it returns)
-    dQ, dK, dV (dK/dV summed over the query heads of a KV group) stored as E4M3.
+    dQ, dK, dV (dK/dV summed over the query heads of a KV group) stored as E4M3 (fp8_outputs).
 (E5M2 is the recipe's gradient format: E4M3 with `fp8_format: e4m3`.)
 
-Delayed scales: one `DelayedScale` per attention module with the nine ATTENTION_ROLES. E and P lie
+Delayed scales: one `DelayedScale` per attention module with the nine ATTENTION_ROLES (without FP8
+outputs O/dQ/dK/dV still record their amaxes, for the FP8 health statistics). E and P lie
 in [0, 1] and take the fixed scale P_SCALE = 448 (E4M3's max). Before its first scale update every
 tensor is scaled from its own amax, like every other hf_fp8 cast. O, dS, dQ, dK and dV are produced
 inside the fused kernel, which needs their scale before it computes them: on the first training
@@ -132,19 +139,23 @@ def kernel_output_scale(state: DelayedScale, i: int, amax_now: torch.Tensor, bou
     return cast_scale(state, i, amax_now if measures_first(state, record) else bound)
 
 
-def store_fp8(x: torch.Tensor, bound: torch.Tensor, state: DelayedScale, i: int, record: bool) -> torch.Tensor:
+def store_fp8(x: torch.Tensor, bound: torch.Tensor, state: DelayedScale, i: int, record: bool, fp8: bool = True) -> torch.Tensor:
     """x rounded to role i's FP8 format with its kernel-output scale, returned dequantized: what a
-    kernel with an FP8 output hands back."""
+    kernel with an FP8 output hands back. fp8=False: x itself (an output the kernel writes in high
+    precision); the amax is recorded either way."""
     amax = amax_of(x)
     if record:
         record_amax(state, i, amax)
+    if not fp8:
+        return x
     scale = kernel_output_scale(state, i, amax, bound, record)
     return _dequant(to_fp8(x, scale, state.dtypes[i]), scale)
 
 
 class _FP8Attention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask, softmax_scale: float, state: DelayedScale, record: bool, out_dtype: torch.dtype):
+    def forward(ctx, q, k, v, mask, softmax_scale: float, state: DelayedScale, record: bool, out_dtype: torch.dtype,
+                fp8_outputs: bool):  # fmt: skip
         # q: (B, Hq, Q, D); k, v: (B, Hkv, K, D), Hq a multiple of Hkv (GQA);
         # mask: None or additive float (B or 1, 1 or Hq, Q, K) with 0 (attend) / -inf (masked).
         groups = q.shape[1] // k.shape[1]
@@ -158,12 +169,15 @@ class _FP8Attention(torch.autograd.Function):
             scores = scores + mask
         e, rowsum = _exp_and_rowsum(scores)
         e8 = to_fp8(e, P_SCALE, torch.float8_e4m3fn)
-        out = store_fp8((e8.float() / P_SCALE) @ vf / rowsum, forward_output_bound(amax_v), state, _O, record)
+        out = store_fp8((e8.float() / P_SCALE) @ vf / rowsum, forward_output_bound(amax_v), state, _O, record, fp8_outputs)
+        if not fp8_outputs:  # the backward's rowsum(dO * O) reads O as the model got it
+            out = out.to(out_dtype).float()
         ctx.save_for_backward(q8, k8, v8, sq, sk, sv, mask if mask is not None else torch.empty(0), out,
                               torch.stack([amax_q, amax_k, amax_v]))  # fmt: skip
         ctx.has_mask = mask is not None
         ctx.softmax_scale = softmax_scale
         ctx.state = state
+        ctx.fp8_outputs = fp8_outputs
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return out.to(out_dtype)
 
@@ -192,11 +206,12 @@ class _FP8Attention(torch.autograd.Function):
         grad_p = do @ v.transpose(-1, -2)
         delta = (do * out).sum(dim=-1, keepdim=True)
         ds = store_fp8(p * (grad_p - delta) * softmax_scale, bound_ds, state, _DS, True)
-        grad_q = store_fp8(ds @ k, bound_dq, state, _DQ, True)
-        grad_k = store_fp8(_sum_groups(ds.transpose(-1, -2) @ q, groups), bound_dk, state, _DK, True)
-        grad_v = store_fp8(_sum_groups(grad_v, groups), bound_dv, state, _DV, True)
+        fp8 = ctx.fp8_outputs
+        grad_q = store_fp8(ds @ k, bound_dq, state, _DQ, True, fp8)
+        grad_k = store_fp8(_sum_groups(ds.transpose(-1, -2) @ q, groups), bound_dk, state, _DK, True, fp8)
+        grad_v = store_fp8(_sum_groups(grad_v, groups), bound_dv, state, _DV, True, fp8)
         dq_dtype, dk_dtype, dv_dtype = ctx.in_dtypes
-        return grad_q.to(dq_dtype), grad_k.to(dk_dtype), grad_v.to(dv_dtype), None, None, None, None, None
+        return grad_q.to(dq_dtype), grad_k.to(dk_dtype), grad_v.to(dv_dtype), None, None, None, None, None, None
 
 
 def fp8_attention_reference(
@@ -208,10 +223,12 @@ def fp8_attention_reference(
     state: DelayedScale,
     record: bool,
     out_dtype: torch.dtype | None = None,
+    fp8_outputs: bool = True,
 ) -> torch.Tensor:
     """softmax(Q K^T * softmax_scale + mask) V with all six forward/backward GEMMs in FP8.
 
     query (B, Hq, Q, D); key/value (B, Hkv, K, D) with Hq a multiple of Hkv (not repeated); mask None
     or an additive float mask broadcastable to (B, Hq, Q, K). Returns (B, Hq, Q, D) in `out_dtype`
-    (default: query's)."""
-    return _FP8Attention.apply(query, key, value, mask, softmax_scale, state, record, out_dtype or query.dtype)
+    (default: query's). fp8_outputs: O and dQ/dK/dV rounded to FP8 as cuDNN's Hopper kernel stores
+    them (True), or kept in high precision as the Triton kernel does (False); see the module doc."""
+    return _FP8Attention.apply(query, key, value, mask, softmax_scale, state, record, out_dtype or query.dtype, fp8_outputs)

@@ -13,8 +13,9 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import cudnn_sdpa
+from . import cudnn_sdpa, kernels
 from .reference import fp8_attention_reference
+from .triton_flash import fp8_attention_triton
 
 ATTN_IMPLEMENTATION = "hf_fp8"
 # The attribute convert_model gives each converted attention module: its DelayedScale.
@@ -70,16 +71,20 @@ def hf_fp8_attention_forward(
     softmax_scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     # As SDPA under autocast: the output in the autocast dtype (RoPE makes q/k float32 there).
     out_dtype = torch.get_autocast_dtype(query.device.type) if torch.is_autocast_enabled(query.device.type) else query.dtype
-    kernel, why = cudnn_sdpa.kernel_for(query, key, attention_mask, is_causal)
+    kernel, why = kernels.kernel_for(query, key, attention_mask, is_causal)
+    # Without a mask tensor, causality is a flag of the fused kernels (a single query is never masked).
+    causal = attention_mask is None and is_causal and query.shape[2] > 1
     if kernel == "cudnn":
-        causal = is_causal and query.shape[2] > 1
         out = cudnn_sdpa.fp8_attention_cudnn(query, key, value, softmax_scale, causal, state, module.training, out_dtype)
         return out.transpose(1, 2), None  # (B, Q, H, D), contiguous: the kernel writes BSHD memory
-    if query.is_cuda and cudnn_sdpa.status(query.device) is None:
+    if kernel == "triton":
+        out = fp8_attention_triton(query, key, value, attention_mask, softmax_scale, causal, state, module.training, out_dtype)
+        return out.transpose(1, 2), None  # (B, Q, H, D), contiguous: the kernel writes BSHD memory
+    if query.is_cuda:
         cudnn_sdpa.warn_reference_fallback(name, why)
     q_len, kv_len = query.shape[2], key.shape[2]
     mask = _additive_mask(attention_mask, is_causal, q_len, kv_len, query.device)
-    out = fp8_attention_reference(query, key, value, mask, softmax_scale, state, module.training, out_dtype)
+    out = fp8_attention_reference(query, key, value, mask, softmax_scale, state, module.training, out_dtype, fp8_outputs=False)
     return out.transpose(1, 2).contiguous(), None
 
 
