@@ -2,7 +2,7 @@
 1. cuDNN's fused FP8 SDPA (`cudnn_sdpa.py`): sm_90 with nvidia-cudnn-frontend; causal or unmasked
    attention at head dim 128;
 2. hf_fp8's Triton FP8 flash attention (`triton_flash.py`): GPUs with FP8 tensor cores and Triton;
-   head dims 16-256, causal, unmasked or boolean (padding, sliding-window) masks;
+   head dims 32/64/128, causal, unmasked or boolean (padding, sliding-window) masks;
 3. the pure-PyTorch reference (`reference.py`): everything else, and the CPU.
 HF_FP8_ATTENTION_KERNEL=auto|cudnn|triton|reference picks one (an unavailable choice raises).
 """
