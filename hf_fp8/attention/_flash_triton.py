@@ -18,7 +18,10 @@ Masking: `CAUSAL` (query i sees keys 0..i, equal lengths) skips the blocks above
 `HAS_MASK` reads a boolean (True = attend) mask tile broadcast over batch/head by zero strides.
 
 Tensors are indexed by explicit (batch, head, sequence, dim) strides, so the transposed views a
-HF attention layer hands over are read in place. Layouts per program are in the comments.
+HF attention layer hands over are read in place. The GEMMs that reduce over the sequence (E8 V8,
+P8^T dO8, dS8^T Q8, dS8 K8) read second, sequence-contiguous copies the wrapper makes: Hopper's FP8
+tensor-core GEMM wants both operands contiguous along the reduced dim. Layouts per program are in
+the comments.
 """
 
 import triton
