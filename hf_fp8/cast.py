@@ -98,7 +98,7 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     """(y, y_t, amax) from one read of x: `cast_fp8_reference(x, scale, dtype, transposed)` and
     max(|x|) as a float32 scalar tensor (NaN if x has a NaN, as scaling.amax_of). x: 2D contiguous
     CUDA (see fused_cast_applies); scale: float32 scalar tensor on x's device."""
-    from ._cast_triton import cast_fp8_kernel, transpose_bytes_kernel
+    from ._cast_triton import cast_fp8_kernel
 
     rows, cols = x.shape
     y = torch.empty(rows, cols, dtype=dtype, device=x.device)
@@ -116,8 +116,18 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
             TRANSPOSED=one_pass, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
         )  # fmt: skip
         if transposed and not one_pass:
-            transpose_bytes_kernel[grid](y.view(torch.uint8), y_t.view(torch.uint8), rows, cols, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
+            transpose_bytes(y, y_t)
     return y, y_t, amax_bits.view(torch.float32)[0]
+
+
+def transpose_bytes(y: torch.Tensor, y_t: torch.Tensor) -> None:
+    """y_t = y.T for a 2D row-major CUDA tensor of 1-byte elements (FP8) into row-major y_t, with one
+    tiled Triton kernel (aten's transposing copy of 1-byte data is several times slower)."""
+    from ._cast_triton import transpose_bytes_kernel
+
+    rows, cols = y.shape
+    grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
+    transpose_bytes_kernel[grid](y.view(torch.uint8), y_t.view(torch.uint8), rows, cols, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
 
 
 def fused_cast_applies_any_layout(x: torch.Tensor) -> bool:

@@ -36,7 +36,16 @@ from .reference import (
 _E4M3 = torch.float8_e4m3fn
 _cudnn = None  # the imported `cudnn` module, once `status()` found it usable
 _STATUS: dict[int, str | None] = {}  # CUDA device index -> why the cuDNN kernel cannot run there (None: it can)
-KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # "auto" (default), "cudnn", "triton" or "reference" (see kernels.py)
+KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # which FP8 attention kernel runs (see kernels.py)
+KERNEL_CHOICES = ("auto", "cudnn", "triton", "reference")
+
+
+def kernel_choice() -> str:
+    """HF_FP8_ATTENTION_KERNEL, checked against KERNEL_CHOICES (default auto)."""
+    choice = os.environ.get(KERNEL_ENV, "auto")
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected one of {', '.join(KERNEL_CHOICES)}")
+    return choice
 
 
 def _import_cudnn():
@@ -70,9 +79,7 @@ def status(device: torch.device) -> str | None:
 
 
 def _check(index: int) -> str | None:
-    choice = os.environ.get(KERNEL_ENV, "auto")
-    if choice not in ("auto", "cudnn", "triton", "reference"):
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: expected auto, cudnn, triton or reference")
+    choice = kernel_choice()
     if choice in ("triton", "reference"):
         return f"{KERNEL_ENV}={choice}"
     capability = torch.cuda.get_device_capability(index)
@@ -232,7 +239,7 @@ def _execute(graph_entry, data: dict[str, torch.Tensor], device: torch.device) -
 
 def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized (B, H, S, D) tensor laid out as (B, S, H, D) in memory: what the model's
-    output projection reads after `transpose(1, 2)`, without a copy."""
+    projections read after `transpose(1, 2)`, without a copy (the Triton kernels' outputs too)."""
     b, h, s, d = q.shape
     return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
 

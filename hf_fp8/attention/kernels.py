@@ -9,13 +9,10 @@ HF_FP8_ATTENTION_KERNEL=auto|cudnn|triton|reference picks one (an unavailable ch
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from . import cudnn_sdpa, triton_flash
 
-KERNELS = ("auto", "cudnn", "triton", "reference")
 # The choice, read from the environment once (at conversion, outside torch.compile: a module global
 # is a constant to dynamo, guarded, so changing it recompiles rather than graph-breaks).
 _CHOICE: str | None = None
@@ -24,10 +21,7 @@ _CHOICE: str | None = None
 def _choice() -> str:
     global _CHOICE
     if _CHOICE is None:
-        choice = os.environ.get(cudnn_sdpa.KERNEL_ENV, "auto")
-        if choice not in KERNELS:
-            raise ValueError(f"{cudnn_sdpa.KERNEL_ENV}={choice!r}: expected one of {', '.join(KERNELS)}")
-        _CHOICE = choice
+        _CHOICE = cudnn_sdpa.kernel_choice()
     return _CHOICE
 
 

@@ -22,7 +22,9 @@ import functools
 
 import torch
 
+from ..cast import _cdiv, transpose_bytes
 from ..scaling import DelayedScale, cast_scale, record_amax
+from .cudnn_sdpa import _bshd_like
 from .reference import _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V, cast_input, first_step_bounds, measures_first
 
 # The head dims tested on the GPU (tl.arange needs a power of two; FP8 tl.dot needs K >= 32). 256 is
@@ -90,17 +92,6 @@ def _blocks(head_dim: int) -> dict:
     }
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
-def _bshd_like(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialized (B, H, S, D) tensor laid out as (B, S, H, D) in memory: what the model's
-    projections read after `transpose(1, 2)`, without a copy."""
-    b, h, s, d = x.shape
-    return torch.empty(b, s, h, d, dtype=dtype, device=x.device).transpose(1, 2)
-
-
 def _mask_args(mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
     """(tensor, strides (B, H, Q, K)) of a boolean mask broadcastable to (B, H, Q, K); zero strides
     for broadcast dims. Without a mask: a dummy tensor (never read)."""
@@ -116,18 +107,13 @@ def _mask_args(mask: torch.Tensor | None, like: torch.Tensor) -> tuple:
 def _seq_contiguous(x8: torch.Tensor) -> torch.Tensor:
     """x8 (B, H, S, D), FP8, as a view of (B, H, D, S) memory: the K-major operand of the GEMMs that
     reduce over the sequence (P.V, and in backward the dK, dV, dQ GEMMs). On CUDA, from BSHD memory
-    (how HF projections hand Q/K/V over): per batch one byte-transposing Triton kernel of the (S, H*D)
-    matrix; aten's transposing copy of 1-byte data is several times slower. Else aten's copy."""
+    (how HF projections hand Q/K/V over): per batch one byte transpose (hf_fp8.cast.transpose_bytes)
+    of the (S, H*D) matrix. Else aten's copy."""
     b, h, s, d = x8.shape
     out = torch.empty(b, h, d, s, dtype=x8.dtype, device=x8.device)
     if x8.is_cuda and x8.stride() == (s * h * d, d, h * d, 1) and x8.numel():
-        from .._cast_triton import transpose_bytes_kernel
-
-        rows, cols = s, h * d
-        grid = (_cdiv(rows, 64), _cdiv(cols, 64))
         for i in range(b):  # x8[i]: (S, H*D) row-major; out[i]: (H*D, S) row-major
-            transpose_bytes_kernel[grid](x8[i].transpose(0, 1).view(torch.uint8), out[i].view(torch.uint8),
-                                         rows, cols, BLOCK_M=64, BLOCK_N=64)  # fmt: skip
+            transpose_bytes(x8[i].transpose(0, 1).reshape(s, h * d), out[i].view(h * d, s))
     else:
         out.copy_(x8.transpose(-1, -2))
     return out.transpose(-1, -2)
