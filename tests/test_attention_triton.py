@@ -250,6 +250,18 @@ def test_declines_name_the_reason():
     assert triton_flash.declines(q, q, torch.ones(1, 1, 16, 16, dtype=torch.bool), True) is None
 
 
+def test_direct_calls_with_what_the_kernels_decline_get_a_clear_error():
+    state = new_attention_scales(hf_fp8.FP8Recipe(attention=True))
+    q = torch.randn(1, 4, 16, 48)
+    with pytest.raises(ValueError, match="fp8_attention_triton cannot take head dim 48"):
+        triton_flash.fp8_attention_triton(q, q, q, None, 0.1, True, state, True)
+    q, kv = torch.randn(1, 4, 16, 64), torch.randn(1, 3, 16, 64)
+    with pytest.raises(ValueError, match="Hq a multiple of Hkv"):
+        triton_flash.fp8_attention_triton(q, kv, kv, None, 0.1, True, state, True)
+    with pytest.raises(ValueError, match="causal=True with a mask"):
+        triton_flash.fp8_attention_triton(q, q, q, torch.ones(1, 1, 16, 16, dtype=torch.bool), 0.1, True, state, True)
+
+
 def test_kernel_choice_from_the_environment(monkeypatch):
     monkeypatch.setattr(kernels, "_CHOICE", None)
     monkeypatch.setenv("HF_FP8_ATTENTION_KERNEL", "fastest")

@@ -263,4 +263,12 @@ def fp8_attention_triton(query, key, value, mask, softmax_scale: float, causal: 
     """FP8 flash attention with `state`'s delayed scales: query (B, Hq, Q, D), key/value (B, Hkv, K, D),
     mask None or bool (True = attend) broadcastable to (B, Hq, Q, K), `causal` only without a mask
     -> (B, Hq, Q, D) in `out_dtype` (default query's; a transposed view of BSHD memory)."""
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape or query.shape[1] % key.shape[1]:
+        raise ValueError(f"fp8_attention_triton: query (B, Hq, Q, D) and key/value (B, Hkv, K, D) with Hq a multiple "
+                         f"of Hkv, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")  # fmt: skip
+    why = declines(query, key, mask, causal)
+    if why is None and mask is not None and causal:
+        why = "causal=True with a mask (put the causality into the boolean mask)"
+    if why is not None:
+        raise ValueError(f"fp8_attention_triton cannot take {why}; use hf_fp8.attention.fp8_attention_reference")
     return _TritonFP8Attention.apply(query, key, value, mask, softmax_scale, causal, state, record, out_dtype or query.dtype)
