@@ -8,6 +8,7 @@ median step time over the timed steps (after warm-up/compile), tokens/s, ratio t
 
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
+--micro-batches N splits each batch into N accumulated micro-batches (one optimizer step per batch).
 Shapes: the paper's 1.5B Llama, an 8B-shape slice (4 of 32 layers), FOG-flash at 1.5B, tiny ones
 for smoke runs. Data: a fresh batch per step of learnable sequences (each token follows the previous
 by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after the timed steps
@@ -101,6 +102,19 @@ def learnable_batches(n: int, batch: int, seq_len: int, noise: float = 0.1, seed
     return out
 
 
+def train_step(model, opt, ids: torch.Tensor, micro_batches: int) -> torch.Tensor:
+    """One optimizer step on `ids` (batch, seq), split into `micro_batches` accumulated micro-batches;
+    returns the mean loss (a device tensor: reading it would sync)."""
+    losses = []
+    for micro in ids.chunk(micro_batches):
+        loss = model(input_ids=micro, labels=micro, use_cache=False).loss
+        (loss / micro_batches).backward()
+        losses.append(loss.detach())
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return torch.stack(losses).mean()
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -131,16 +145,13 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         ids = batches[step % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
-        out = model(input_ids=ids, labels=ids, use_cache=False)
-        out.loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        step_loss = train_step(model, opt, ids, args.micro_batches)
         _sync(device)
         if step == args.warmup - 1:
             compile_s = time.perf_counter() - t_start
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-        loss = out.loss.item()
+        loss = step_loss.item()
     if args.profile:
         profile_steps(args, mode, model, opt, batches)
     median = statistics.median(times)
@@ -154,7 +165,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     if report is not None:
         result["fp8_flop_fraction"] = report.fp8_flop_fraction
         result["attention_kernel"] = report.attention_kernel or None
-    del model, opt, out
+    del model, opt
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -169,10 +180,7 @@ def profile_steps(args, mode, model, opt, batches) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
     with profile(activities=activities) as prof:
         for step in range(3):
-            ids = batches[step % len(batches)]
-            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            train_step(model, opt, batches[step % len(batches)], args.micro_batches)
         _sync(torch.device(args.device))
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,6 +209,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape", choices=sorted(LLAMA_SHAPES) + sorted(FOG_SHAPES), default="1.5b")
     p.add_argument("--modes", default="bf16,torchao,hf_fp8", help=f"comma-separated, of: {', '.join(MODES)}")
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--micro-batches", type=int, default=1,
+                   help="split each batch into this many micro-batches, one optimizer step per batch (gradient accumulation)")
     p.add_argument("--seq-len", type=int, default=4096)
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--steps", type=int, default=15, help="timed steps")
@@ -221,6 +231,8 @@ def run(args) -> dict:
         raise ValueError(f"--modes: unknown {', '.join(unknown)}; expected some of {', '.join(MODES)}")
     if args.warmup < 1 or args.steps < 1:
         raise ValueError("--warmup and --steps must be >= 1")
+    if args.micro_batches < 1 or args.batch_size % args.micro_batches:
+        raise ValueError(f"--micro-batches must be >= 1 and divide --batch-size ({args.batch_size}); got {args.micro_batches}")
     if args.compile_options and args.no_compile:
         raise ValueError("--compile-options needs compilation (drop --no-compile)")
     results = {}
@@ -232,7 +244,8 @@ def run(args) -> dict:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     options = f"  inductor {json.dumps(args.compile_options)}" if args.compile_options else ""
-    print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}  {name}  torch {torch.__version__}{options}")
+    micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+    print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}{micro}  {name}  torch {torch.__version__}{options}")
     print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
     for mode, r in results.items():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
@@ -246,6 +259,7 @@ def run(args) -> dict:
         data = json.loads(path.read_text()) if path.exists() else {}
         data = {} if "results" in data else data  # an old single-shape file is replaced
         data[args.shape] = {"device": name, "torch": torch.__version__, "batch": f"{args.batch_size}x{args.seq_len}",
+                            **({"micro_batches": args.micro_batches} if args.micro_batches > 1 else {}),
                             **({"compile_options": args.compile_options} if args.compile_options else {}), **results}
         path.write_text(json.dumps(data, indent=2))
     return results

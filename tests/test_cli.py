@@ -260,6 +260,57 @@ def test_bench_cpu_smoke_writes_results_per_shape(tmp_path, capsys):
     assert "tokens/s" not in capsys.readouterr().err
 
 
+def test_bench_micro_batches_accumulate_into_one_optimizer_step(tmp_path, capsys, monkeypatch):
+    """--micro-batches N: each timed step runs N forward/backward passes on batch/N sequences, then one
+    optimizer step (gradient accumulation); a count that does not divide the batch is a usage error."""
+    from hf_fp8 import bench
+
+    seen = []
+    real_step = bench.train_step
+
+    def spy(model, opt, ids, micro_batches):
+        seen.append((tuple(ids.shape), micro_batches))
+        return real_step(model, opt, ids, micro_batches)
+
+    monkeypatch.setattr(bench, "train_step", spy)
+    out = tmp_path / "bench.json"
+    main(["bench", "--device", "cpu", "--no-compile", "--shape", "tiny", "--modes", "hf_fp8", "--warmup", "1",
+          "--steps", "2", "--seq-len", "64", "--batch-size", "4", "--micro-batches", "2", "--quiet", "--out", str(out)])
+    assert seen == [((4, 64), 2)] * 3
+    tiny = json.loads(out.read_text())["tiny"]
+    assert tiny["micro_batches"] == 2 and tiny["batch"] == "4x64" and math.isfinite(tiny["hf_fp8"]["loss"])
+    assert "in 2 micro-batches" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "--device", "cpu", "--batch-size", "4", "--micro-batches", "3"])
+    assert e.value.code == 2 and "--micro-batches must be >= 1 and divide --batch-size" in capsys.readouterr().err
+
+
+def test_train_step_accumulates_micro_batch_gradients():
+    """bench.train_step with N micro-batches gives the gradient of the mean loss over the whole batch
+    (checked against one full-batch backward before the optimizer step; FP32 tiny model)."""
+    from hf_fp8 import bench
+
+    model = bench.build_model("tiny", 32, "cpu").float()
+    ids = torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(0))
+    full = model(input_ids=ids, labels=ids, use_cache=False).loss
+    full.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad(set_to_none=True)
+    grads = []
+
+    class Capture:  # an optimizer stand-in that records the accumulated gradients
+        def step(self):
+            grads.extend(p.grad.clone() for p in model.parameters())
+
+        def zero_grad(self, set_to_none=True):
+            model.zero_grad(set_to_none=set_to_none)
+
+    loss = bench.train_step(model, Capture(), ids, micro_batches=2)
+    torch.testing.assert_close(loss, full.detach(), rtol=1e-5, atol=1e-6)
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
 def test_bench_fog_shape_is_the_recipe_file():
     from hf_fp8 import bench
     from hf_fp8.models.fog import FOGConfig
