@@ -12,9 +12,10 @@ scale update, once per optimizer step in training, runs between the timed region
 - throughput: `--iters` calls back to back, as the layers of a training step queue them, total / iters;
 - host: CPU wall time to enqueue one call (median), to tell host-bound from GPU-bound.
 --profile DIR also writes a torch.profiler table (self CPU time and CUDA time per op) and a Chrome
-trace of 3 back-to-back FP8 calls per case. Writes JSON with --out.
+trace of 3 back-to-back FP8 calls per case. Writes JSON with --out; --results-md PATH also records
+the run (command, versions, date, table; --note: what changed) as the newest section of PATH.
 
-  python benchmarks/attention.py --out results/attention.json
+  python benchmarks/attention.py --out results/attention.json --results-md RESULTS.md
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -30,6 +32,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_fp8
+from hf_fp8 import _results
 from hf_fp8.attention import hf_fp8_attention_forward, kernels, new_attention_scales
 
 
@@ -108,7 +111,18 @@ def profile_fp8(call, module, q, k, v, grad, out_dir: Path, case: str) -> None:
     print(averages.table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
 
 
-def main():
+def markdown_rows(results: dict) -> list[list[str]]:
+    """Table rows of `results` (case -> function -> timings, as written to --out), SDPA first per case."""
+    rows = []
+    for case, row in results.items():
+        for name, r in row.items():
+            label = f"{name} ({r['kernel']})" if "kernel" in r else name
+            ratio = f"{r['speedup_latency']:.3f} / {r['speedup_throughput']:.3f}" if "speedup_latency" in r else ""
+            rows.append([case, label, f"{r['latency_ms']:.2f}", f"{r['throughput_ms']:.2f}", f"{r['host_ms']:.2f}", ratio])
+    return rows
+
+
+def main(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", default="4x16x4096x128,2x16x8192x128,4x16x4096x64,2x16x8192x64",
                    help="comma-separated BATCHxHEADSxSEQxHEAD_DIM")
@@ -122,7 +136,9 @@ def main():
                    help="comma-separated FP8 attention kernels to time: auto (hf_fp8's choice), cudnn, triton, reference")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a profiler table and trace per case")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
+    p.add_argument("--results-md", default=None, metavar="PATH", help="also record the run as the newest section of this Markdown file")
+    p.add_argument("--note", default=None, metavar="TEXT", help="with --results-md: what changed since the last run")
+    args = p.parse_args(argv)
     results = {}
     header = f"{'case':<18} {'':>22} {'latency ms':>10} {'thru ms':>8} {'host ms':>8} {'vs SDPA (lat/thru)':>19}"
     print(header)
@@ -165,6 +181,18 @@ def main():
             print(f"{case:<18} {label:>22} {times} {ratio:>19}", flush=True)
         del q, k, v, grad
         torch.cuda.empty_cache()
+    if args.results_md:
+        body = [f"Causal, {args.kv_heads} KV heads, layout {args.layout}, {'eager' if args.eager else 'both under torch.compile'}; "
+                f"forward + backward incl. casts and amax bookkeeping; median over {args.iters} calls after {args.warmup} "
+                "warm-up; ms; latency = one call on an idle GPU, throughput = calls queued back to back, host = time to "
+                "enqueue a call."]  # fmt: skip
+        body += [""] + _results.markdown_table(["case", "function (kernel)", "latency", "throughput", "host", "vs SDPA lat / thru"],
+                                               markdown_rows(results))  # fmt: skip
+        if args.out:
+            body += ["", f"Raw: `{args.out}`."]
+        command = _results.command_line(list(argv) if argv is not None else sys.argv[1:], "python3 benchmarks/attention.py")
+        _results.record(args.results_md, "benchmarks/attention.py: FP8 attention vs BF16 SDPA", command,
+                        _results.environment(torch.device("cuda")), body, args.note)  # fmt: skip
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "causal": True,

@@ -24,6 +24,7 @@ import argparse
 import gc
 import json
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -221,6 +222,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="do not print the FP8 coverage reports")
     p.add_argument("--out", default=None, help="merge the results into this JSON (shape -> mode -> numbers)")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
+    p.add_argument("--results-md", default=None, metavar="PATH",
+                   help="also record the run (command, versions, date, table) as the newest section of this Markdown "
+                        "file, e.g. benchmarks/RESULTS.md")  # fmt: skip
+    p.add_argument("--note", default=None, metavar="TEXT", help="with --results-md: what changed since the last run")
 
 
 def run(args) -> dict:
@@ -253,6 +258,8 @@ def run(args) -> dict:
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {peak:>9} "
               f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
+    if args.results_md:
+        _record(args, results, name)
     if args.out:
         # One file for all shapes: shape -> {device, torch, batch, mode -> numbers}; a run replaces its shape.
         path = Path(args.out)
@@ -265,7 +272,36 @@ def run(args) -> dict:
     return results
 
 
+def _record(args, results: dict, device_name: str) -> None:
+    """--results-md: this run as the newest section of the Markdown file."""
+    from . import _results
+
+    argv = getattr(args, "argv", None)
+    command = _results.command_line(argv if argv is not None else sys.argv[1:], getattr(args, "program", "python3 -m hf_fp8 bench"))
+    how = "eager" if args.no_compile else "per-decoder-layer torch.compile" + (
+        f" with inductor {json.dumps(args.compile_options)}" if args.compile_options else "")  # fmt: skip
+    micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+    rows = []
+    for mode, r in results.items():
+        ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", peak,
+                     f"{r['compile_and_warmup_s']:.1f}", f"{r['loss']:.4f}"])  # fmt: skip
+    adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"
+    body = [f"Shape {args.shape}, batch {args.batch_size} x {args.seq_len}{micro}, {how}, {adamw}; median of "
+            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run."]  # fmt: skip
+    body += [""] + _results.markdown_table(
+        ["mode", "tok/s", "vs BF16", "ms/step", "peak GiB", "compile + warm-up s", "loss"], rows)
+    if args.out:
+        body += ["", f"Raw: `{args.out}`."]
+    _results.record(args.results_md, f"hf-fp8 bench: {args.shape} ({device_name})", command,
+                    _results.environment(torch.device(args.device)), body, args.note)  # fmt: skip
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(p)
-    run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    args.program = "python3 benchmarks/train_throughput.py"
+    run(args)

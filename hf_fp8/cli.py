@@ -202,6 +202,8 @@ def run_bench(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # recorded by `bench --results-md`
+    args.program = "python3 -m hf_fp8"
     try:
         args.handler(args)
     except UsageError as error:
