@@ -15,7 +15,8 @@ by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after 
 compares how FP8 and BF16 start to learn; random tokens cycled over a few batches (the earlier data)
 measured how fast each memorizes noise. A throughput run, not a quality measure.
 
-  hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json
+  hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json \
+      --results-md benchmarks/RESULTS.md --note "what changed since the last run"
 """
 
 from __future__ import annotations
