@@ -51,13 +51,18 @@ def _index(device: torch.device) -> int:
 
 
 @functools.cache
-def _triton_ok(device_index: int) -> bool:
-    """FP8 conversions in Triton need compute capability 8.9 (Ada) or newer, and Triton itself."""
+def triton_fp8_unavailable(device_index: int) -> str | None:
+    """Why hf_fp8's Triton FP8 kernels (this cast, the flash attention) cannot run on CUDA device
+    `device_index`, or None: FP8 conversions and FP8 tensor-core GEMMs need compute capability 8.9
+    (Ada) or newer, and Triton itself."""
     try:
         import triton  # noqa: F401
     except ImportError:
-        return False
-    return torch.cuda.get_device_capability(device_index) >= (8, 9)
+        return "Triton is not installed"
+    major, minor = torch.cuda.get_device_capability(device_index)
+    if (major, minor) < (8, 9):
+        return f"compute capability {major}.{minor} (FP8 tensor cores need 8.9+)"
+    return None
 
 
 def fused_cast_applies(x: torch.Tensor) -> bool:
@@ -75,7 +80,7 @@ def _eligible(x: torch.Tensor) -> bool:
         and x.dim() == 2
         and x.is_contiguous()
         and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
-        and _triton_ok(_index(x.device))
+        and triton_fp8_unavailable(_index(x.device)) is None
     )
 
 
@@ -86,7 +91,7 @@ def describe(device: torch.device) -> str:
         why = f"{device.type} device"
     elif not FUSED_CAST_ENABLED:
         why = "HF_FP8_FUSED_CAST=0"
-    elif not _triton_ok(_index(device)):
+    elif triton_fp8_unavailable(_index(device)) is not None:
         why = "needs Triton and a GPU of compute capability 8.9+"
     else:
         return (f"eager: one Triton kernel per cast (cast, amax and transposed copy; FP32 tensors: a second one "

@@ -22,7 +22,7 @@ import functools
 
 import torch
 
-from ..cast import _cdiv, transpose_bytes
+from ..cast import _cdiv, transpose_bytes, triton_fp8_unavailable
 from ..scaling import DelayedScale, cast_scale, record_amax
 from .cudnn_sdpa import _bshd_like
 from .reference import _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V, cast_input, first_step_bounds, measures_first
@@ -54,14 +54,7 @@ def triton_ok(device: torch.device) -> str | None:
 def _check(device_type: str, index: int) -> str | None:
     if device_type != "cuda":
         return f"device {device_type} (the Triton kernels need a GPU)"
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return "Triton is not installed"
-    major, minor = torch.cuda.get_device_capability(index)
-    if (major, minor) < (8, 9):
-        return f"compute capability {major}.{minor} (FP8 tensor cores need 8.9+)"
-    return None
+    return triton_fp8_unavailable(index)
 
 
 def declines(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal: bool) -> str | None:
