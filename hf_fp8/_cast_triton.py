@@ -6,6 +6,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _amax_bits(x):
+    """max |x| of a 2-D tile as int32 bits. For non-negative floats integer order is float order, and
+    a NaN's bits (exponent all ones, mantissa non-zero) exceed +inf's, so one NaN makes the amax NaN,
+    as torch.amax does. Callers zero masked-out lanes."""
+    return tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1), axis=0)
+
+
+@triton.jit
+def _to_fp8(x, scale, fp8_max, dtype: tl.constexpr):
+    """torchao's cast: FP32 multiply, saturate (NaN stays NaN), round to nearest even."""
+    return tl.clamp(x * scale, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL).to(dtype)
+
+
+@triton.jit
 def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, rows, cols, fp8_max,
                     TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
     # One BLOCK_M x BLOCK_N tile of x (rows x cols, row-major) per program.
@@ -14,15 +28,8 @@ def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, rows, cols,
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    # amax: the max of |x|'s int32 bit patterns. For non-negative floats integer order is float
-    # order, and a NaN's bits (exponent all ones, mantissa non-zero) exceed +inf's, so one NaN makes
-    # the amax NaN, as torch.amax does. Masked-out lanes are 0.
-    bits = tl.abs(x).to(tl.int32, bitcast=True)
-    tl.atomic_max(amax_bits_ptr, tl.max(tl.max(bits, axis=1), axis=0))
-
-    # cast: FP32 multiply, saturate (NaN stays NaN), round to nearest even.
-    scale = tl.load(scale_ptr)
-    y = tl.clamp(x * scale, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL).to(y_ptr.dtype.element_ty)
+    tl.atomic_max(amax_bits_ptr, _amax_bits(x))  # masked-out lanes load as 0
+    y = _to_fp8(x, tl.load(scale_ptr), fp8_max, y_ptr.dtype.element_ty)
     tl.store(y_ptr + r[:, None].to(tl.int64) * cols + c[None, :], y, mask=mask)
     if TRANSPOSED:
         # y_t is cols x rows; Triton stages the tile through shared memory so the store is coalesced.

@@ -27,19 +27,9 @@ the comments.
 import triton
 import triton.language as tl
 
+from .._cast_triton import _amax_bits, _to_fp8  # the linears' cast kernel's amax and cast
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
-
-
-@triton.jit
-def _amax_bits(x):
-    """max |x| of a 2-D tile as int32 bits (see module doc)."""
-    return tl.max(tl.max(tl.abs(x).to(tl.int32, bitcast=True), axis=1), axis=0)
-
-
-@triton.jit
-def _to_fp8(x, scale, fp8_max, dtype: tl.constexpr):
-    """torchao's cast: saturate(x * scale), NaN stays NaN, rounded to nearest even."""
-    return tl.clamp(x * scale, -fp8_max, fp8_max, propagate_nan=tl.PropagateNan.ALL).to(dtype)
 
 
 @triton.jit
