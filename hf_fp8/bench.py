@@ -241,6 +241,9 @@ def run(args) -> dict:
         raise ValueError(f"--micro-batches must be >= 1 and divide --batch-size ({args.batch_size}); got {args.micro_batches}")
     if args.compile_options and args.no_compile:
         raise ValueError("--compile-options needs compilation (drop --no-compile)")
+    for option, path in (("--results-md", args.results_md), ("--out", args.out)):
+        if path and not Path(path).parent.is_dir():  # found out before the run, not after it
+            raise ValueError(f"{option} {path}: directory {Path(path).parent} does not exist")
     results = {}
     batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
     for mode in modes:

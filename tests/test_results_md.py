@@ -5,6 +5,7 @@ import datetime
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from hf_fp8 import _results
@@ -69,3 +70,13 @@ def test_attention_benchmark_rows():
     ]
     table = _results.markdown_table(["case", "function (kernel)", "latency", "throughput", "host", "vs SDPA lat / thru"], rows)
     assert table[1] == "|---|---|---|---|---|---|" and table[3].startswith("| 4x16x4096x128 | hf_fp8 (cudnn) |")
+
+
+def test_a_missing_results_directory_is_refused_before_the_run(tmp_path, capsys, monkeypatch):
+    from hf_fp8 import bench
+
+    monkeypatch.setattr(bench, "run_mode", lambda *a: pytest.fail("the benchmark ran"))
+    for option in ("--results-md", "--out"):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--device", "cpu", "--shape", "tiny", option, str(tmp_path / "missing" / "file")])
+        assert e.value.code == 2 and f"{option} {tmp_path / 'missing' / 'file'}: directory" in capsys.readouterr().err
