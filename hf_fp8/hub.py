@@ -292,6 +292,7 @@ def load_fp8_state(model: nn.Module, path: str | os.PathLike) -> list[str]:
             buf.copy_(loaded[key])
         for module in owners.values():
             module.forget_host_flags()
+            module.sync_inverse_scale()
         for name, module in owners.items():
             margin = ((meta or {}).get("modules") or {}).get(name, {}).get("margin")
             if margin is not None and margin != module.margin:

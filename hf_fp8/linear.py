@@ -4,7 +4,7 @@
   backward     grad_input = go_e5m2 @ w_e4m3        (grad-output: E5M2 in the "hybrid" format)
                grad_weight= go_e5m2.T @ x_e4m3
 Each operand is cast once with its delayed scale (hf_fp8.scaling, hf_fp8.cast); the GEMMs are
-torchao's unwrapped Float8 matmul (`torch._scaled_mm`), fed each operand in the layout it reads
+`torch._scaled_mm` with the inverse scales the scaling state keeps, fed each operand in the layout it reads
 (the weight-gradient GEMM takes x and the grad-output transposed). In eager CUDA mode the Triton
 cast writes those transposed copies in the same pass; elsewhere backward transposes the FP8 copies
 kept from forward (torch.compile fuses that, and may re-cast instead of keeping). What autograd keeps
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from ._torchao import Float8TrainingTensor, LinearMMConfig, ScaledMMConfig, addmm_float8_unwrapped
+from ._torchao import Float8TrainingTensor, LinearMMConfig, ScaledMMConfig
 from .cast import cast_fp8_fused, cast_fp8_reference, fused_cast_applies
 from .recipe import FP8Recipe
-from .scaling import DelayedScale, amax_of, cast_scale, record_amax
+from .scaling import DelayedScale, amax_of, cast_scale, inverse_scale, record_amax, record_amaxes
 
 LINEAR_ROLES = ("input", "weight", "grad_output")
 _INPUT, _WEIGHT, _GRAD_OUTPUT = range(3)
@@ -38,32 +38,25 @@ _MM_CONFIG = LinearMMConfig(
 )
 
 
-def _cast_delayed(x: torch.Tensor, state: DelayedScale, i: int, record: bool, shared: DelayedScale | None = None,
-                  transposed: bool = False, fused: bool | None = None):  # fmt: skip
-    """(x_fp8, x_fp8_t, scale): 2D `x` cast to FP8 with role i's delayed scale, its transposed copy
-    (None unless `transposed`), and the scale used (data = value * scale). Records the amax when `record`.
+def _cast_delayed(x: torch.Tensor, source: DelayedScale, i: int, transposed: bool = False, fused: bool | None = None):
+    """(x_fp8, x_fp8_t, inv_scale, amax): 2D `x` cast to FP8 with role i's delayed scale in state
+    `source`, its transposed copy (None unless `transposed`), the inverse of the scale used
+    (value = data * inv_scale, what the GEMM takes) and x's amax, which the caller records.
     `fused`: the caller's `_fused_cast(x, source)` when it already asked (else it is asked here).
-
-    `shared`: cast with this state's scale instead (a sibling linear reading the same input), and
-    record the amax there too, so the shared scale covers every sibling's input. All siblings'
-    casts are then one expression, which torch.compile computes once.
 
     Once the delayed scale is known on the host, eager CUDA casts run as one Triton kernel
     (hf_fp8.cast); the first steps, CPU and torch.compile use the reference expression."""
     x = x.detach()  # the casts are not differentiated: _FP8GEMMs routes the gradients
-    source = shared if shared is not None else state
     if _fused_cast(x, source) if fused is None else fused:
         scale = source.scale[i]
         x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed)
+        inv = source.inverse(i)
     else:
         amax = amax_of(x)
         scale = cast_scale(source, i, amax)
         x_fp8, x_fp8_t = cast_fp8_reference(x, scale, source.dtypes[i], transposed)
-    if record:
-        record_amax(state, i, amax)  # this layer's own history stays complete (stats, checkpoints)
-        if shared is not None:
-            record_amax(shared, i, amax)
-    return x_fp8, x_fp8_t, scale
+        inv = inverse_scale(source, i, scale)
+    return x_fp8, x_fp8_t, inv, amax
 
 
 def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
@@ -87,12 +80,13 @@ def _cpu_fp8_gemm_context(t: torch.Tensor):
         torch.backends.mkldnn.enabled = True
 
 
-def _gemm(a, a_scale, b, b_scale, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
+def _gemm(a, a_inv, b, b_inv, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
     """a (M, K) @ b (K, N) in FP8 -> out_dtype. a row-major and b column-major (both K-major, what
-    torch._scaled_mm takes); scales are cast scales (data = value * scale). torchao's unwrapped
-    Float8 GEMM: torch._scaled_mm with the inverse scales (and FP32 outputs handled)."""
+    torch._scaled_mm takes); a_inv / b_inv are inverse scales (value = data * inv), FP32 scalars.
+    The same call as torchao's tensorwise GEMM (addmm_float8_unwrapped), which takes the scales and
+    computes their reciprocals on every call instead."""
     with _cpu_fp8_gemm_context(a):
-        return addmm_float8_unwrapped(a, a_scale, b, b_scale, out_dtype, use_fast_accum=fast_accum)
+        return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
@@ -124,33 +118,34 @@ class _FP8GEMMs(torch.autograd.Function):
     for the weights: the BF16 parameter is kept anyway)."""
 
     @staticmethod
-    def forward(ctx, x, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state: DelayedScale, linear_layout: bool):
+    def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool):
         ctx.state, ctx.linear_layout = state, linear_layout
         ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
         # Keep only what backward reads: x for the grad-weight GEMM, w for the grad-input GEMM (a
         # frozen LoRA base layer keeps no copy of its input).
         x_kept = (x8 if x8_t is None else x8_t) if ctx.needs_input_grad[1] else None
         w_kept = (w8_nk if w8_kn is None else w8_kn) if ctx.needs_input_grad[0] else None
-        ctx.save_for_backward(x_kept, x_scale, w_kept, w_scale)
-        return _gemm(x8, x_scale, w8_nk.t(), w_scale, x.dtype, fast_accum=True)
+        ctx.save_for_backward(x_kept, x_inv, w_kept, w_inv)
+        return _gemm(x8, x_inv, w8_nk.t(), w_inv, x.dtype, fast_accum=True)
 
     @staticmethod
     def backward(ctx, grad_out):
-        x_kept, x_scale, w_kept, w_scale = ctx.saved_tensors
+        x_kept, x_inv, w_kept, w_inv = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Frozen weight (LoRA base layers): no transposed grad-output and no grad-weight GEMM.
-        go8, go8_t, go_scale = _cast_delayed(grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, True, transposed=need_w)
+        go8, go8_t, go_inv, go_amax = _cast_delayed(grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, transposed=need_w)
+        record_amax(ctx.state, _GRAD_OUTPUT, go_amax)
         grad_x = grad_weight_t = None
         if need_x:
             w8_kn = w_kept if ctx.w_transposed else w_kept.t().contiguous()
-            grad_x = _gemm(go8, go_scale, w8_kn.t(), w_scale, grad_out.dtype, fast_accum=False)
+            grad_x = _gemm(go8, go_inv, w8_kn.t(), w_inv, grad_out.dtype, fast_accum=False)
         if need_w:
             x8_t = x_kept if ctx.x_transposed else x_kept.t().contiguous()
             go8_t, x8_t = _pad_tokens(go8_t), _pad_tokens(x8_t)
             if ctx.linear_layout:  # weight_t is W.T: produce W's gradient in W's (N, K) layout
-                grad_weight_t = _gemm(go8_t, go_scale, x8_t.t(), x_scale, grad_out.dtype, fast_accum=False).t()
+                grad_weight_t = _gemm(go8_t, go_inv, x8_t.t(), x_inv, grad_out.dtype, fast_accum=False).t()
             else:  # Conv1D: weight_t is the stored (K, N) weight
-                grad_weight_t = _gemm(x8_t, x_scale, go8_t.t(), go_scale, grad_out.dtype, fast_accum=False)
+                grad_weight_t = _gemm(x8_t, x_inv, go8_t.t(), go_inv, grad_out.dtype, fast_accum=False)
         return grad_x, grad_weight_t, None, None, None, None, None, None, None, None
 
 
@@ -161,7 +156,9 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     `weight_t` is nn.Linear's weight transposed (a view) or GPT-2 Conv1D's weight as stored.
     `record`: max-reduce this call's input/weight/grad-output amaxes into `state` (training).
     `input_state`: cast x with this state's input scale instead of `state`'s (shared input scales,
-    see FP8Recipe.share_input_scales).
+    see FP8Recipe.share_input_scales), and record x's amax there too, so the shared scale covers
+    every sibling's input. All siblings' casts are then one expression, which torch.compile
+    computes once.
     A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
     used as is: not re-cast, and its amax is not recorded here."""
     shape = x.shape
@@ -181,16 +178,22 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     w_t_now = grad and x.requires_grad and w_fused
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
-        x8, x8_t, x_scale = _cast_delayed(x2d, state, _INPUT, record, shared, transposed=x_t_now, fused=x_fused)
+        x8, x8_t, x_inv, x_amax = _cast_delayed(x2d, shared or state, _INPUT, transposed=x_t_now, fused=x_fused)
+        w_amax = None
         if fp8_weight:
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
-            w8_nk, w8_kn, w_scale = weight_t._data.t().contiguous(), None, weight_t._scale
+            w8_nk, w8_kn, w_inv = weight_t._data.t().contiguous(), None, weight_t._scale.reciprocal()
         elif linear_layout:
-            w8_nk, w8_kn, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=w_t_now, fused=w_fused)
+            w8_nk, w8_kn, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, transposed=w_t_now, fused=w_fused)
         else:
-            w8_kn, w8_nk, w_scale = _cast_delayed(w_stored, state, _WEIGHT, record, transposed=True, fused=w_fused)
-        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_scale, w8_nk, w8_kn, w_scale, state, linear_layout)
+            w8_kn, w8_nk, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, transposed=True, fused=w_fused)
+        if record:
+            # This layer's own history stays complete (stats, checkpoints), also with a shared scale.
+            record_amaxes(state, {_INPUT: x_amax} if w_amax is None else {_INPUT: x_amax, _WEIGHT: w_amax})
+            if shared is not None:
+                record_amax(shared, _INPUT, x_amax)
+        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

@@ -34,6 +34,7 @@ class DelayedScale(nn.Module):
     Buffers (all in `state_dict`, so checkpoints carry them), R = number of roles, L = history length:
       amax_history  (R, L) float32  column 0 is the newest optimizer step
       scale         (R,)   float32  the scale every cast uses until the next update
+      inv_scale_<role>  ()  float32   1 / scale[role], what the FP8 GEMMs multiply by (not saved: derived)
       pending_amax  (R,)   float32  max amax recorded since the last update (-1: none recorded)
       initialized   (R,)   bool     False until a first finite, non-zero amax was reduced into `scale`
       nonfinite_skips (R,) int64    how many updates were skipped because the amax was inf/NaN
@@ -64,6 +65,14 @@ class DelayedScale(nn.Module):
         self.register_buffer("nonfinite_skips", torch.zeros(r, dtype=torch.int64, device=device))
         # fp8_max / 2**margin per role; derived from the margin, so not saved.
         self.register_buffer("scale_numerator", torch.empty(r, device=device), persistent=False)
+        # 1 / scale, kept beside it so a compiled step does not launch one reciprocal kernel per
+        # GEMM operand: under torch.compile each was a kernel of its own (18 per Llama layer, forward
+        # and backward), a cost of host time in small micro-batches. One 0-dim tensor per role: a
+        # GEMM's scale must be an allocation of its own (cuBLASLt refuses an FP8 scale pointer inside
+        # a vector, and inductor's _scaled_mm lowering a view with an offset). Derived, so not saved.
+        self.inv_scale_names = tuple(f"inv_scale_{role}" for role in self.roles)
+        for name in self.inv_scale_names:
+            self.register_buffer(name, torch.ones((), device=device), persistent=False)
         self.set_margin(recipe.margin)
 
     def index(self, role: str) -> int:
@@ -75,6 +84,22 @@ class DelayedScale(nn.Module):
         with torch.no_grad():
             for i, dt in enumerate(self.dtypes):
                 self.scale_numerator[i] = torch.finfo(dt).max / 2.0**self.margin
+
+    def inverse(self, i: int) -> torch.Tensor:
+        """Role i's stored 1 / scale (a 0-dim buffer)."""
+        return getattr(self, self.inv_scale_names[i])
+
+    @property
+    def inv_scale(self) -> torch.Tensor:
+        """(R,) copy of the stored inverse scales, for inspection."""
+        return torch.stack([self.inverse(i) for i in range(len(self.roles))])
+
+    def sync_inverse_scale(self) -> None:
+        """Recompute the stored inverse scales from `scale`. update_scales, load_state_dict,
+        hub.load_fp8_state and raise_margin do it; code that writes `scale` itself must call this after."""
+        with torch.no_grad():
+            inverses = [self.inverse(i) for i in range(len(self.roles))]
+            torch._foreach_copy_(inverses, list(self.scale.reciprocal().unbind()))
 
     def initialized_on_host(self, i: int) -> bool:
         """Whether role i has a delayed scale, for host-side decisions (FSDP2 FP8 all-gather). Read
@@ -94,7 +119,8 @@ class DelayedScale(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self.forget_host_flags()
-        return super()._load_from_state_dict(*args, **kwargs)
+        super()._load_from_state_dict(*args, **kwargs)
+        self.sync_inverse_scale()
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer; amax histories and
@@ -149,7 +175,7 @@ def amax_of(x: torch.Tensor) -> torch.Tensor:
 
 def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Tensor:
     """The scale role `i` casts with: the delayed scale, or before the first update the dynamic
-    scale of the tensor at hand (`amax_now`).
+    scale of the tensor at hand (`amax_now`). `inverse_scale` gives its reciprocal.
 
     Once the host knows that all of the state's roles have a delayed scale (`updated_on_host`, set
     by `update_scales` without a sync in the step), it is `state.scale[i]` alone: the cast then does
@@ -162,11 +188,26 @@ def cast_scale(state: DelayedScale, i: int, amax_now: torch.Tensor) -> torch.Ten
     return torch.where(state.initialized[i], state.scale[i], dynamic)
 
 
+def inverse_scale(state: DelayedScale, i: int, scale: torch.Tensor) -> torch.Tensor:
+    """1 / `scale`, where `scale` is what `cast_scale(state, i, ...)` returned: the stored inverse
+    in the steady state (no kernel), else computed."""
+    return state.inverse(i) if state.updated_on_host else scale.reciprocal()
+
+
 def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
     """Max-reduce `amax_now` into role i's pending amax (micro-batches of one step -> one amax).
     torch.maximum propagates NaN, so one non-finite micro-batch marks the whole step non-finite."""
     pending = state.pending_amax[i]
     pending.copy_(torch.maximum(pending, amax_now))
+
+
+def record_amaxes(state: DelayedScale, amaxes: dict[int, torch.Tensor]) -> None:
+    """`record_amax` for several roles at once (role index -> amax), as one update of
+    `pending_amax`: under torch.compile one kernel per state instead of one or two per role."""
+    pending = state.pending_amax
+    # A role not given contributes its own pending value, which the max leaves as it is.
+    new = torch.stack([amaxes[i] if i in amaxes else pending[i] for i in range(len(state.roles))])
+    pending.copy_(torch.maximum(pending, new))
 
 
 def scale_buffers(model: nn.Module, *, persistent_only: bool = False, remove_duplicate: bool = True):
@@ -304,6 +345,8 @@ def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinit
         (cleared, "pending_amax"),
     ):
         torch._foreach_copy_([getattr(m, name) for m in group], list(torch.split(new, sizes)))
+    inverses = [m.inverse(i) for m in group for i in range(len(m.roles))]
+    torch._foreach_copy_(inverses, list(scale.reciprocal().unbind()))
 
 
 @dataclass

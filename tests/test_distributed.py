@@ -296,7 +296,7 @@ def test_ddp_ignore_fp8_buffers_lists_every_scaling_buffer():
     ignored = model._ddp_params_and_buffers_to_ignore
     assert ignored[0] == "lm_head.weight"
     assert "model.layers.0.self_attn.q_proj.fp8_scale.pending_amax" in ignored
-    assert len(ignored) == 1 + 14 * 6  # 2 layers x 7 linears x 6 buffers (5 persistent + scale_numerator)
+    assert len(ignored) == 1 + 14 * 9  # 2 layers x 7 linears x 9 buffers (5 persistent, scale_numerator, 3 inverse scales)
     with pytest.raises(ValueError, match="no FP8 layers"):
         ddp_ignore_fp8_buffers(tiny_llama())
 

@@ -199,6 +199,8 @@ def test_load_fp8_state_round_trip_and_margin(tmp_path):
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in fp8_state(model).items())
     for (_, a), (_, b) in zip(delayed_scale_states(model), delayed_scale_states(fresh)):
         assert a.margin == b.margin == 1 and torch.equal(a.scale_numerator, b.scale_numerator)
+        # The GEMMs multiply by the stored inverse: it must follow the loaded scales.
+        assert not torch.equal(b.scale, torch.ones_like(b.scale)) and torch.equal(b.inv_scale, b.scale.reciprocal())
 
 
 def test_load_fp8_state_refuses_mismatches(tmp_path):

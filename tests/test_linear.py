@@ -186,3 +186,45 @@ def test_outputs_are_not_trivially_equal_to_high_precision():
     fp8, ref = make_pair(128, 64, torch.float32)
     x = torch.randn(32, 128)
     assert not torch.equal(fp8(x), ref(x))
+
+
+def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_update_per_pass():
+    """Under torch.compile every extra op of the scaling bookkeeping becomes a kernel launch of its
+    own (host time that small micro-batches cannot hide). Once the delayed scales are known, the
+    forward and backward graphs of an FP8Linear must take the GEMMs' inverse scales from the state
+    (no reciprocal: there were two per GEMM) and update the pending amaxes with one copy per pass
+    (the forward had one per recorded role)."""
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    # On the GPU machine: CUDA (torch 2.11's dynamo breaks the CPU graph at the oneDNN switch).
+    device = DEVICES[-1]
+    torch.manual_seed(0)
+    layer = hf_fp8.FP8Linear(64, 32, recipe=hf_fp8.FP8Recipe(), device=device, dtype=torch.bfloat16)
+    x = torch.randn(16, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    for _ in range(2):  # on CUDA the steady state is known one update late
+        layer(x).float().square().mean().backward()
+        hf_fp8.update_scales(layer)
+    assert layer.fp8_scale.updated_on_host
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(
+        fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True))
+    compiled(x).float().square().mean().backward()
+    assert set(graphs) == {"forward", "backward"}
+    for name, gm in graphs.items():
+        targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+        assert sum("_scaled_mm" in t for t in targets) == (1 if name == "forward" else 2), name
+        assert not [t for t in targets if "reciprocal" in t or t.startswith("aten.div")], (name, targets)
+        assert sum(t == "aten.copy_.default" for t in targets) == 1, (name, targets)
+    # ...and the amaxes were recorded (input and weight by the forward, grad-output by the backward).
+    assert (layer.fp8_scale.pending_amax > 0).all()

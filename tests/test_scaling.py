@@ -263,6 +263,35 @@ def test_state_dict_round_trip_restores_scales_and_histories_exactly():
     assert torch.equal(layer(x), fresh(x))
 
 
+def test_inverse_scale_follows_every_write_of_the_scale():
+    """The FP8 GEMMs multiply by the stored `inv_scale` (no reciprocal per GEMM): a stale inverse
+    would scale every output wrongly without any error. After update_scales, load_state_dict and
+    raise_margin it is 1 / scale bit for bit, and the output still matches the high-precision one."""
+    from hf_fp8.integrations.trainer import raise_margin
+
+    def assert_in_sync(layer):
+        s = layer.fp8_scale
+        assert s.updated_on_host and not torch.equal(s.scale, torch.ones_like(s.scale))
+        assert torch.equal(s.inv_scale, s.scale.reciprocal())
+        x = torch.rand(8, 32) * 2 - 1  # within the recorded amaxes: no saturation
+        ref = torch.nn.functional.linear(x, layer.weight, layer.bias)
+        err = (layer(x) - ref).norm() / ref.norm()
+        assert err < 0.1, err.item()  # FP8 E4M3 rounding; a stale 2x inverse gives ~1
+
+    layer = make_layer()
+    for amax in (1.0, 3.0):
+        step(layer, amax, grad_amax=amax)
+    assert_in_sync(layer)
+    raise_margin(layer, 1)  # halves every scale at once
+    assert_in_sync(layer)
+    fresh = make_layer()
+    step(fresh, 50.0, grad_amax=50.0)  # other scales, so the load has something to change
+    fresh.load_state_dict(layer.state_dict())
+    fresh.fp8_scale.updated_on_host = True  # as the next update_scales would set it
+    assert torch.equal(fresh.fp8_scale.scale, layer.fp8_scale.scale)
+    assert_in_sync(fresh)
+
+
 def test_model_dtype_casts_keep_the_scaling_state_float32():
     """Regression: model.to(torch.bfloat16) after conversion used to turn scales and amax
     histories into bf16 (8-bit mantissa)."""
@@ -271,7 +300,7 @@ def test_model_dtype_casts_keep_the_scaling_state_float32():
     scale = layer.fp8_scale.scale.clone()
     layer.to(torch.bfloat16)
     assert layer.weight.dtype == torch.bfloat16
-    for name in ("amax_history", "scale", "pending_amax", "scale_numerator"):
+    for name in ("amax_history", "scale", "inv_scale", "pending_amax", "scale_numerator"):
         assert getattr(layer.fp8_scale, name).dtype == torch.float32, name
     assert torch.equal(layer.fp8_scale.scale, scale)
     layer.half()

@@ -27,7 +27,7 @@ import warnings
 
 import torch
 
-from ..scaling import DelayedScale, cast_scale, record_amax
+from ..scaling import DelayedScale, cast_scale, inverse_scale, record_amaxes
 from .reference import (
     _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V,
     P_SCALE, cast_input, first_step_bounds, forward_output_bound, measures_first,
@@ -326,26 +326,31 @@ class _CudnnFP8Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, softmax_scale: float, causal: bool, state: DelayedScale, record: bool, out_dtype):
         # q (B, Hq, S, D); k, v (B, Hkv, S, D): any float dtype, any strides.
         (q8, sq, amax_q), (k8, sk, amax_k), (v8, sv, amax_v) = (
-            cast_input(t, state, i, record) for t, i in ((q, _Q), (k, _K), (v, _V))
+            cast_input(t, state, i, record=False) for t, i in ((q, _Q), (k, _K), (v, _V))
         )
+        # Inverse scales (descales): the stored ones once the delayed scales are known, so a compiled
+        # step launches no reciprocal kernels for them.
+        iq, ik, iv = (inverse_scale(state, i, s) for i, s in ((_Q, sq), (_K, sk), (_V, sv)))
         so = cast_scale(state, _O, forward_output_bound(amax_v))
-        o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
+        o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, iq, ik, iv, so, softmax_scale, causal)
         if measures_first(state, record):  # first training step: that pass measured amax(O); now cast with it
             so = cast_scale(state, _O, amax_o)
-            o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, 1 / sq, 1 / sk, 1 / sv, so, softmax_scale, causal)
+            o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, iq, ik, iv, so, softmax_scale, causal)
         if record:
-            record_amax(state, _O, amax_o)
-        ctx.save_for_backward(q8, k8, v8, o8, stats, torch.stack([sq, sk, sv, so]), torch.stack([amax_q, amax_k, amax_v]))
+            record_amaxes(state, {_Q: amax_q, _K: amax_k, _V: amax_v, _O: amax_o})
+        descales = torch.stack([iq, ik, iv, inverse_scale(state, _O, so)])
+        ctx.save_for_backward(q8, k8, v8, o8, stats, descales, torch.stack([amax_q, amax_k, amax_v]))
         ctx.softmax_scale, ctx.causal, ctx.state = softmax_scale, causal, state
         ctx.in_dtypes = (q.dtype, k.dtype, v.dtype)
         return (o8.float() / so).to(out_dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
-        q8, k8, v8, o8, stats, scales, amaxes = ctx.saved_tensors
+        q8, k8, v8, o8, stats, descales, amaxes = ctx.saved_tensors
         state, softmax_scale = ctx.state, ctx.softmax_scale
-        sq, sk, sv, so = scales.unbind()
-        do8, sdo, amax_do = cast_input(grad_out, state, _DO, True)
+        iq, ik, iv, io = descales.unbind()
+        do8, sdo, amax_do = cast_input(grad_out, state, _DO, record=False)
+        ido = inverse_scale(state, _DO, sdo)
         groups = q8.shape[1] // k8.shape[1]
         bound_ds, bound_dq, bound_dk, bound_dv = first_step_bounds(
             *amaxes.unbind(), amax_do, q8.shape[-1], q8.shape[2], groups, softmax_scale
@@ -357,7 +362,7 @@ class _CudnnFP8Attention(torch.autograd.Function):
         def run(amax_or_bound):
             s_dq, s_dk, s_dv, s_ds = (cast_scale(state, i, a) for i, a in zip(roles, amax_or_bound.unbind()))
             out = torch.ops.hf_fp8.cudnn_fp8_sdpa_bwd(
-                q8, k8, v8, o8, do8, stats, 1 / sq, 1 / sk, 1 / sv, 1 / so, 1 / sdo, s_ds, s_dq, s_dk, s_dv,
+                q8, k8, v8, o8, do8, stats, iq, ik, iv, io, ido, s_ds, s_dq, s_dk, s_dv,
                 softmax_scale, ctx.causal,
             )  # fmt: skip
             return out, (s_dq, s_dk, s_dv)
@@ -365,8 +370,7 @@ class _CudnnFP8Attention(torch.autograd.Function):
         (dq8, dk8, dv8, grad_amaxes), grad_scales = run(bounds)
         if measures_first(state, True):  # first step: that pass measured the amaxes; now cast with them
             (dq8, dk8, dv8, grad_amaxes), grad_scales = run(grad_amaxes)
-        for i, amax in zip(roles, grad_amaxes.unbind()):
-            record_amax(state, i, amax)
+        record_amaxes(state, {_DO: amax_do, **dict(zip(roles, grad_amaxes.unbind()))})
         grads = [(g8.float() / s).to(dt) for g8, s, dt in zip((dq8, dk8, dv8), grad_scales, ctx.in_dtypes)]
         return *grads, None, None, None, None, None
 

@@ -388,6 +388,7 @@ def raise_margin(model: nn.Module, by: int = 1) -> None:
     for _, state in delayed_scale_states(model):
         state.set_margin(state.margin + by)
         state.scale.div_(2.0**by)
+        state.sync_inverse_scale()
 
 
 def fallback_layers(model: nn.Module, names: list[str], reason: str = "hf_fp8 fallback") -> list[str]:
