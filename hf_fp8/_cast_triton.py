@@ -20,15 +20,21 @@ def _to_fp8(x, scale, fp8_max, dtype: tl.constexpr):
 
 
 @triton.jit
-def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, rows, cols, fp8_max,
-                    TRANSPOSED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
-    # One BLOCK_M x BLOCK_N tile of x (rows x cols, row-major) per program.
+def cast_fp8_kernel(x_ptr, y_ptr, y_t_ptr, scale_ptr, amax_bits_ptr, amax_bits_ptr2, rows, cols, fp8_max,
+                    TRANSPOSED: tl.constexpr, TWO_AMAXES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+    # One BLOCK_M x BLOCK_N tile of x (rows x cols, row-major) per program. The amax is max-reduced
+    # into the float32 at amax_bits_ptr (as int32 bits), and into a second one when TWO_AMAXES:
+    # either a zeroed scratch, or straight into pending amaxes of the scaling state (>= 0 or the
+    # -1 "none recorded", whose bits are a negative int32, below every |x|).
     r = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     c = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     x = tl.load(x_ptr + r[:, None].to(tl.int64) * cols + c[None, :], mask=mask, other=0.0).to(tl.float32)
 
-    tl.atomic_max(amax_bits_ptr, _amax_bits(x))  # masked-out lanes load as 0
+    bits = _amax_bits(x)  # masked-out lanes load as 0
+    tl.atomic_max(amax_bits_ptr, bits)
+    if TWO_AMAXES:
+        tl.atomic_max(amax_bits_ptr2, bits)
     y = _to_fp8(x, tl.load(scale_ptr), fp8_max, y_ptr.dtype.element_ty)
     tl.store(y_ptr + r[:, None].to(tl.int64) * cols + c[None, :], y, mask=mask)
     if TRANSPOSED:

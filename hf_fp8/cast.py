@@ -99,30 +99,42 @@ def describe(device: torch.device) -> str:
     return f"eager: the PyTorch reference ({why}); {compiled}"
 
 
-def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool):
+def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transposed: bool,
+                   record_into: tuple[torch.Tensor, ...] = ()):  # fmt: skip
     """(y, y_t, amax) from one read of x: `cast_fp8_reference(x, scale, dtype, transposed)` and
     max(|x|) as a float32 scalar tensor (NaN if x has a NaN, as scaling.amax_of). x: 2D contiguous
-    CUDA (see fused_cast_applies); scale: float32 scalar tensor on x's device."""
+    CUDA (see fused_cast_applies); scale: float32 scalar tensor on x's device.
+
+    `record_into`: up to two float32 0-dim tensors (pending amaxes of a scaling state, each >= 0,
+    NaN, or -1 for none recorded) that the kernel max-reduces the amax into, as
+    `scaling.record_amax` would; amax is then None. In eager mode this saves the launches of a
+    scratch buffer and of the max-and-copy per cast (host time, which bounds eager training with
+    small micro-batches)."""
     from ._cast_triton import cast_fp8_kernel
 
+    if len(record_into) > 2 or any(p.dtype != torch.float32 or p.dim() != 0 for p in record_into):
+        raise ValueError("cast_fp8_fused: record_into takes at most two float32 0-dim tensors")
     rows, cols = x.shape
     y = torch.empty(rows, cols, dtype=dtype, device=x.device)
     y_t = torch.empty(cols, rows, dtype=dtype, device=x.device) if transposed else None
     # |x| as int32 bit patterns: for non-negative floats integer order is float order (see the kernel).
-    amax_bits = torch.zeros(1, dtype=torch.int32, device=x.device)
-    if x.numel():
+    targets = [p.view(torch.int32) for p in record_into] or [torch.zeros((), dtype=torch.int32, device=x.device)]
+    if not x.numel():
+        for p in record_into:  # an empty tensor's amax is 0, as amax_of gives
+            p.clamp_(min=0.0)
+    else:
         grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
         # FP32 input (master weights under autocast): the kernel's transposed store came out wrong for
         # it on the H200 with Triton 3.6 (elements swapped within groups of four; BF16/FP16 bit-exact),
         # so the transposed copy is a second kernel, a byte transpose of y.
         one_pass = transposed and x.dtype != torch.float32
         cast_fp8_kernel[grid](
-            x, y, y_t if one_pass else y, scale.reshape(1), amax_bits, rows, cols, torch.finfo(dtype).max,
-            TRANSPOSED=one_pass, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
+            x, y, y_t if one_pass else y, scale.reshape(1), targets[0], targets[-1], rows, cols,
+            torch.finfo(dtype).max, TRANSPOSED=one_pass, TWO_AMAXES=len(targets) == 2, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK,
         )  # fmt: skip
         if transposed and not one_pass:
             transpose_bytes(y, y_t)
-    return y, y_t, amax_bits.view(torch.float32)[0]
+    return y, y_t, (None if record_into else targets[0].view(torch.float32))
 
 
 def transpose_bytes(y: torch.Tensor, y_t: torch.Tensor) -> None:

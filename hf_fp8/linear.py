@@ -38,10 +38,12 @@ _MM_CONFIG = LinearMMConfig(
 )
 
 
-def _cast_delayed(x: torch.Tensor, source: DelayedScale, i: int, transposed: bool = False, fused: bool | None = None):
+def _cast_delayed(x: torch.Tensor, source: DelayedScale, i: int, transposed: bool = False, fused: bool | None = None,
+                  record_in: tuple[DelayedScale, ...] = ()):  # fmt: skip
     """(x_fp8, x_fp8_t, inv_scale, amax): 2D `x` cast to FP8 with role i's delayed scale in state
     `source`, its transposed copy (None unless `transposed`), the inverse of the scale used
-    (value = data * inv_scale, what the GEMM takes) and x's amax, which the caller records.
+    (value = data * inv_scale, what the GEMM takes) and x's amax, which the caller records; None
+    when the Triton cast ran and already recorded it into role i of the states in `record_in`.
     `fused`: the caller's `_fused_cast(x, source)` when it already asked (else it is asked here).
 
     Once the delayed scale is known on the host, eager CUDA casts run as one Triton kernel
@@ -49,7 +51,8 @@ def _cast_delayed(x: torch.Tensor, source: DelayedScale, i: int, transposed: boo
     x = x.detach()  # the casts are not differentiated: _FP8GEMMs routes the gradients
     if _fused_cast(x, source) if fused is None else fused:
         scale = source.scale[i]
-        x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed)
+        pending = tuple(state.pending_amax[i] for state in record_in)
+        x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed, record_into=pending)
         inv = source.inverse(i)
     else:
         amax = amax_of(x)
@@ -133,8 +136,11 @@ class _FP8GEMMs(torch.autograd.Function):
         x_kept, x_inv, w_kept, w_inv = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # Frozen weight (LoRA base layers): no transposed grad-output and no grad-weight GEMM.
-        go8, go8_t, go_inv, go_amax = _cast_delayed(grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, transposed=need_w)
-        record_amax(ctx.state, _GRAD_OUTPUT, go_amax)
+        go8, go8_t, go_inv, go_amax = _cast_delayed(
+            grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, transposed=need_w, record_in=(ctx.state,)
+        )
+        if go_amax is not None:
+            record_amax(ctx.state, _GRAD_OUTPUT, go_amax)
         grad_x = grad_weight_t = None
         if need_x:
             w8_kn = w_kept if ctx.w_transposed else w_kept.t().contiguous()
@@ -178,20 +184,25 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     w_t_now = grad and x.requires_grad and w_fused
     # The FP8 GEMMs choose their own precision; autocast must not re-cast the FP8 operands.
     with torch.autocast(x.device.type, enabled=False):
-        x8, x8_t, x_inv, x_amax = _cast_delayed(x2d, shared or state, _INPUT, transposed=x_t_now, fused=x_fused)
+        # Who records the input's amax: this layer's state (its own history stays complete for stats and
+        # checkpoints, also with a shared scale) and the shared one.
+        x_record = ((state,) if shared is None else (state, shared)) if record else ()
+        w_record = (state,) if record else ()
+        x8, x8_t, x_inv, x_amax = _cast_delayed(x2d, shared or state, _INPUT, x_t_now, x_fused, x_record)
         w_amax = None
         if fp8_weight:
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
             w8_nk, w8_kn, w_inv = weight_t._data.t().contiguous(), None, weight_t._scale.reciprocal()
         elif linear_layout:
-            w8_nk, w8_kn, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, transposed=w_t_now, fused=w_fused)
+            w8_nk, w8_kn, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, w_t_now, w_fused, w_record)
         else:
-            w8_kn, w8_nk, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, transposed=True, fused=w_fused)
-        if record:
-            # This layer's own history stays complete (stats, checkpoints), also with a shared scale.
-            record_amaxes(state, {_INPUT: x_amax} if w_amax is None else {_INPUT: x_amax, _WEIGHT: w_amax})
-            if shared is not None:
+            w8_kn, w8_nk, w_inv, w_amax = _cast_delayed(w_stored, state, _WEIGHT, True, w_fused, w_record)
+        if record:  # what the Triton casts did not record already
+            amaxes = {role: a for role, a in ((_INPUT, x_amax), (_WEIGHT, w_amax)) if a is not None}
+            if amaxes:
+                record_amaxes(state, amaxes)
+            if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
         out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout)
     return out.reshape(*shape[:-1], out.shape[-1])

@@ -204,6 +204,10 @@ def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
 def record_amaxes(state: DelayedScale, amaxes: dict[int, torch.Tensor]) -> None:
     """`record_amax` for several roles at once (role index -> amax), as one update of
     `pending_amax`: under torch.compile one kernel per state instead of one or two per role."""
+    if len(amaxes) == 1:  # eager: two launches instead of three
+        ((i, amax),) = amaxes.items()
+        record_amax(state, i, amax)
+        return
     pending = state.pending_amax
     # A role not given contributes its own pending value, which the max leaves as it is.
     new = torch.stack([amaxes[i] if i in amaxes else pending[i] for i in range(len(state.roles))])

@@ -120,8 +120,8 @@ def test_eager_fp8_gemms_read_the_tensors_the_triton_cast_wrote(monkeypatch):
     written = []
     real = hf_fp8.linear.cast_fp8_fused
 
-    def recording(*args):
-        y, y_t, amax = real(*args)
+    def recording(*args, **kwargs):
+        y, y_t, amax = real(*args, **kwargs)
         written.extend(t.untyped_storage().data_ptr() for t in (y, y_t) if t is not None)
         return y, y_t, amax
 
@@ -148,7 +148,7 @@ def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, token
     autocast = master_weights != "bf16"
     results, fused_calls = [], []
     real = hf_fp8.linear.cast_fp8_fused
-    monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", lambda *a: fused_calls.append(1) or real(*a))
+    monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     for fused in (True, False):
         monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", fused)
         torch.manual_seed(0)
@@ -169,10 +169,59 @@ def test_fp8_linear_training_is_the_same_with_the_triton_cast(monkeypatch, token
         assert torch.equal(a, b)
 
 
-def _emulated_kernel(x, scale, dtype, transposed):
-    """cast_fp8_fused's contract on CPU (the reference plus the amax), to test the code around it."""
+def _emulated_kernel(x, scale, dtype, transposed, record_into=()):
+    """cast_fp8_fused's contract on CPU (the reference plus the amax, or the amax max-reduced into
+    `record_into`), to test the code around it."""
     y, y_t = cast.cast_fp8_reference(x, scale, dtype, transposed)
-    return y, y_t, amax_of(x)
+    for pending in record_into:
+        pending.copy_(torch.maximum(pending, amax_of(x)))
+    return y, y_t, None if record_into else amax_of(x)
+
+
+def test_linears_record_each_amax_once_whether_the_cast_or_the_layer_records_it(monkeypatch):
+    """In eager CUDA mode the Triton cast max-reduces amaxes straight into the pending amaxes (the
+    layer's own, and the shared input scale's of q/k/v and gate/up); the layer then must not record
+    them again, nor miss one. On CPU with the kernel's contract emulated: three steps of a small
+    Llama with shared input scales give the same losses, gradients, pending amaxes (before each
+    update) and scales as the reference path, bit for bit."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from hf_fp8.scaling import delayed_scale_states
+
+    monkeypatch.setattr(cast, "_eligible", lambda t: t.dim() == 2 and t.is_contiguous())
+    recorded_by_kernel = []
+
+    def kernel(*args, record_into=()):
+        recorded_by_kernel.append(len(record_into))
+        return _emulated_kernel(*args, record_into=record_into)
+
+    monkeypatch.setattr(hf_fp8.linear, "cast_fp8_fused", kernel)
+    config = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, use_cache=False)  # fmt: skip
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = []
+    for fused in (True, False):
+        monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", fused)
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(config)
+        hf_fp8.convert_model(model, hf_fp8.FP8Recipe())
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        run = []
+        for _ in range(4):  # the fused cast takes over once the host knows the delayed scales (step 2 on)
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            run += [loss.detach()] + [p.grad.clone() for p in model.parameters()]
+            run += [s.pending_amax.clone() for _, s in delayed_scale_states(model)]
+            opt.step()
+            opt.zero_grad()
+            hf_fp8.update_scales(model)
+            run += [s.scale.clone() for _, s in delayed_scale_states(model)]
+        runs.append(run)
+    # Steps 2-4 cast input, weight (forward) and grad-output (backward) of 7 linears in the kernel,
+    # which recorded each: k/v and up (shared input scales) into two states.
+    assert sorted(set(recorded_by_kernel)) == [1, 2] and len(recorded_by_kernel) == 3 * 7 * 3
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_attention_casts_any_layout_through_the_2d_kernel_with_the_reference_strides(monkeypatch):
