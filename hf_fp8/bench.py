@@ -4,7 +4,9 @@
 same model shape, data and seed: forward + backward + AdamW (fused on CUDA), per-decoder-layer
 torch.compile (unless --no-compile), use_cache=False, bf16 parameters, LM head in BF16. Reports the
 median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16, peak memory
-(CUDA) and the loss after the timed steps.
+(CUDA), the loss after the timed steps, and the median host time of a step: how long the CPU took
+to enqueue it (on CUDA; close to the step time when the host, not the GPU, bounds the step, as with
+small micro-batches).
 
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
@@ -141,18 +143,20 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     batches = [b.to(device) for b in batches]
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times, loss, compile_s = [], None, 0.0
+    times, host_times, loss, compile_s = [], [], None, 0.0
     t_start = time.perf_counter()
     for step in range(args.warmup + args.steps):
         ids = batches[step % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
         step_loss = train_step(model, opt, ids, args.micro_batches)
+        t_host = time.perf_counter() - t0
         _sync(device)
         if step == args.warmup - 1:
             compile_s = time.perf_counter() - t_start
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
+            host_times.append(t_host)
         loss = step_loss.item()
     if args.profile:
         profile_steps(args, mode, model, opt, batches)
@@ -160,6 +164,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     result = {
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "step_ms_median": 1000 * median,
+        "host_ms_median": 1000 * statistics.median(host_times),
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "compile_and_warmup_s": compile_s,
         "loss": loss,
@@ -255,12 +260,12 @@ def run(args) -> dict:
     options = f"  inductor {json.dumps(args.compile_options)}" if args.compile_options else ""
     micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
     print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}{micro}  {name}  torch {torch.__version__}{options}")
-    print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
+    print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'host ms':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
     for mode, r in results.items():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
         ratio = f"{r['ratio_vs_bf16']:.3f}" if base else "-"
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {peak:>9} "
+        print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {r['host_ms_median']:>8.1f} {peak:>9} "
               f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
     if args.results_md:
         _record(args, results, name)
@@ -289,13 +294,14 @@ def _record(args, results: dict, device_name: str) -> None:
     for mode, r in results.items():
         ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-        rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", peak,
+        rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", f"{r['host_ms_median']:.1f}", peak,
                      f"{r['compile_and_warmup_s']:.1f}", f"{r['loss']:.4f}"])  # fmt: skip
     adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"
     body = [f"Shape {args.shape}, batch {args.batch_size} x {args.seq_len}{micro}, {how}, {adamw}; median of "
-            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run."]  # fmt: skip
+            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; host ms: "
+            f"time to enqueue a step (near ms/step: the host bounds the step)."]  # fmt: skip
     body += [""] + _results.markdown_table(
-        ["mode", "tok/s", "vs BF16", "ms/step", "peak GiB", "compile + warm-up s", "loss"], rows)
+        ["mode", "tok/s", "vs BF16", "ms/step", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
     if args.out:
         body += ["", f"Raw: `{args.out}`."]
     _results.record(args.results_md, f"hf-fp8 bench: {args.shape} ({device_name})", command,
