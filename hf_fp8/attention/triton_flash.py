@@ -23,7 +23,7 @@ import functools
 import torch
 
 from ..cast import _cdiv, transpose_bytes, triton_fp8_unavailable
-from ..scaling import DelayedScale, cast_scale, record_amax
+from ..scaling import DelayedScale, cast_scale, record_amaxes
 from .cudnn_sdpa import _bshd_like
 from .reference import _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V, cast_input, first_step_bounds, measures_first
 
@@ -214,12 +214,12 @@ class _TritonFP8Attention(torch.autograd.Function):
     def forward(ctx, q, k, v, mask, softmax_scale: float, causal: bool, state: DelayedScale, record: bool, out_dtype):
         # q (B, Hq, Q, D); k, v (B, Hkv, K, D): any float dtype, any strides; mask None or bool.
         (q8, sq, amax_q), (k8, sk, amax_k), (v8, sv, amax_v) = (
-            cast_input(_rows_contiguous(t), state, i, record) for t, i in ((q, _Q), (k, _K), (v, _V))
+            cast_input(_rows_contiguous(t), state, i, record=False) for t, i in ((q, _Q), (k, _K), (v, _V))
         )
         scales = torch.stack([sq, sk, sv]).float()
         o, lse, amax_o = torch.ops.hf_fp8.triton_fp8_attention_fwd(q8, k8, v8, mask, scales, softmax_scale, causal, out_dtype)
         if record:
-            record_amax(state, _O, amax_o)
+            record_amaxes(state, {_Q: amax_q, _K: amax_k, _V: amax_v, _O: amax_o})
         ctx.save_for_backward(q8, k8, v8, o, lse, scales, mask if mask is not None else q8.new_empty(0),
                               torch.stack([amax_q, amax_k, amax_v]))  # fmt: skip
         ctx.has_mask = mask is not None
@@ -232,7 +232,7 @@ class _TritonFP8Attention(torch.autograd.Function):
         q8, k8, v8, o, lse, scales, mask, amaxes = ctx.saved_tensors
         mask = mask if ctx.has_mask else None
         state, softmax_scale = ctx.state, ctx.softmax_scale
-        do8, sdo, amax_do = cast_input(_rows_contiguous(grad_out), state, _DO, True)
+        do8, sdo, amax_do = cast_input(_rows_contiguous(grad_out), state, _DO, record=False)
         groups = q8.shape[1] // k8.shape[1]
         bound_ds = first_step_bounds(*amaxes.unbind(), amax_do, q8.shape[-1], q8.shape[2], groups, softmax_scale)[0]
 
@@ -246,8 +246,7 @@ class _TritonFP8Attention(torch.autograd.Function):
         dq, dk, dv, grad_amaxes = run(bound_ds)
         if measures_first(state, True):  # first step: that pass measured amax(dS); now cast with it
             dq, dk, dv, grad_amaxes = run(grad_amaxes[0])
-        for i, amax in zip((_DS, _DQ, _DK, _DV), grad_amaxes.unbind()):
-            record_amax(state, i, amax)
+        record_amaxes(state, {_DO: amax_do, **dict(zip((_DS, _DQ, _DK, _DV), grad_amaxes.unbind()))})
         return dq, dk, dv, None, None, None, None, None, None
 
 
