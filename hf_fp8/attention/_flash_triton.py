@@ -91,6 +91,32 @@ def _fwd_blocks(acc, row_max, row_sum, q8, k_base, v_base, stride_kn, stride_vn,
 
 
 @triton.jit
+def _query_block(n_heads, groups, q_len, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """This program's BLOCK_M queries of one (batch, query head), from its program ids: (start_m,
+    bh = batch * n_heads + head, b, h, the KV head hkv of h, offs_m, offs_d, in_rows)."""
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b, h = bh // n_heads, bh % n_heads
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    return start_m, bh, b, h, h // groups, offs_m, tl.arange(0, HEAD_DIM), offs_m < q_len
+
+
+@triton.jit
+def _load_scales(scales_ptr, softmax_scale):
+    """scales [sq, sk, sv, ...] -> (sq, sk, sv, qk_scale2): exp2(S8 * qk_scale2) is softmax's exp of
+    the dequantized, softmax-scaled scores."""
+    sq, sk, sv = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
+    return sq, sk, sv, softmax_scale * LOG2E / (sq * sk)
+
+
+@triton.jit
+def _load_grad_scales(scales_ptr, sv):
+    """scales [.., .., .., sdo, s_ds] -> (sdo, s_ds, dp_descale = 1 / (sv sdo), which turns dO8 V8^T into dP)."""
+    sdo, s_ds = tl.load(scales_ptr + 3), tl.load(scales_ptr + 4)
+    return sdo, s_ds, 1.0 / (sv * sdo)
+
+
+@triton.jit
 def fp8_attention_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, mask_ptr, scales_ptr, amax_bits_ptr,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn, stride_vd,
@@ -100,16 +126,8 @@ def fp8_attention_fwd_kernel(
 ):  # fmt: skip
     # One program: BLOCK_M queries of one (batch, query head). q8 (B, Hq, Q, D), k8/v8 (B, Hkv, K, D),
     # last dim contiguous (v8: any strides); o (B, Hq, Q, D) model dtype; lse (B, Hq, Q) fp32; scales [sq, sk, sv].
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    hkv = h // groups
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_rows = offs_m < q_len
-
-    sq, sk, sv = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
-    qk_scale2 = softmax_scale * LOG2E / (sq * sk)
+    start_m, bh, b, h, hkv, offs_m, offs_d, in_rows = _query_block(n_heads, groups, q_len, BLOCK_M, HEAD_DIM)
+    sq, sk, sv, qk_scale2 = _load_scales(scales_ptr, softmax_scale)
     q8 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                  mask=in_rows[:, None], other=0.0)  # fmt: skip
     k_base = k_ptr + b * stride_kb + hkv * stride_kh
@@ -219,10 +237,8 @@ def fp8_attention_bwd_dkdv_kernel(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
     in_keys = offs_n < kv_len
-    sq, sk, sv = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
-    sdo, s_ds = tl.load(scales_ptr + 3), tl.load(scales_ptr + 4)
-    qk_scale2 = softmax_scale * LOG2E / (sq * sk)
-    dp_descale = 1.0 / (sv * sdo)
+    sq, sk, sv, qk_scale2 = _load_scales(scales_ptr, softmax_scale)
+    sdo, s_ds, dp_descale = _load_grad_scales(scales_ptr, sv)
     k8 = tl.load(k_ptr + b * stride_kb + hkv * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :],
                  mask=in_keys[:, None], other=0.0)  # fmt: skip
     v8 = tl.load(v_ptr + b * stride_vb + hkv * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :],
@@ -307,17 +323,9 @@ def fp8_attention_bwd_dq_kernel(
     CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     # One program: dQ of BLOCK_M queries of one (batch, query head).
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
-    b, h = bh // n_heads, bh % n_heads
-    hkv = h // groups
-    offs_m = start_m + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    in_rows = offs_m < q_len
-    sq, sk, sv = tl.load(scales_ptr), tl.load(scales_ptr + 1), tl.load(scales_ptr + 2)
-    sdo, s_ds = tl.load(scales_ptr + 3), tl.load(scales_ptr + 4)
-    qk_scale2 = softmax_scale * LOG2E / (sq * sk)
-    dp_descale = 1.0 / (sv * sdo)
+    start_m, bh, b, h, hkv, offs_m, offs_d, in_rows = _query_block(n_heads, groups, q_len, BLOCK_M, HEAD_DIM)
+    sq, sk, sv, qk_scale2 = _load_scales(scales_ptr, softmax_scale)
+    sdo, s_ds, dp_descale = _load_grad_scales(scales_ptr, sv)
     q8 = tl.load(q_ptr + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
                  mask=in_rows[:, None], other=0.0)  # fmt: skip
     do8 = tl.load(do_ptr + b * stride_db + h * stride_dh + offs_m[:, None] * stride_dm + offs_d[None, :],
