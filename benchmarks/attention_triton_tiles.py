@@ -8,9 +8,9 @@ with BF16 SDPA beside them. Used to pick `triton_flash._blocks`; results in `res
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from _cuda_timing import median_us
 
 from hf_fp8.attention import triton_flash
 
@@ -20,18 +20,8 @@ DKDV = [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 4, 3), (32, 
 DQ = [(128, 64, 8, 2), (64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3), (128, 64, 4, 3), (64, 64, 4, 4)]
 
 
-def median_ms(fn, iters: int = 10) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+def median_ms(fn) -> float:
+    return median_us(fn, warmup=3, iters=10) / 1e3
 
 
 def main():

@@ -16,9 +16,9 @@ fused SiLU product in fp32 where the whole-tensor form reduces the bf16-rounded 
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from _cuda_timing import median_us
 from torch.profiler import ProfilerActivity, profile
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
@@ -68,22 +68,12 @@ def cast_t(amax):
 
 def time_us(fn, args, n=30) -> tuple[float, list[tuple[str, int]]]:
     """Median CUDA-event time of one call, and (kernel, us) of the Triton kernels one call ran."""
-    for _ in range(3):
-        fn(*args)
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(n):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn(*args)
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
+    us = median_us(lambda: fn(*args), warmup=3, iters=n)
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn(*args)
         torch.cuda.synchronize()
     kernels = [(e.key, round(e.device_time_total)) for e in prof.key_averages() if "triton" in e.key and e.device_time_total > 0]
-    return statistics.median(times), kernels
+    return us, kernels
 
 
 def main(argv=None) -> None:

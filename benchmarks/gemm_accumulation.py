@@ -10,9 +10,8 @@ us per call (median of --iters after warm-up, CUDA events), and the relative err
 against the FP32 product of the same FP8 operands (so only accumulation differs).
 Usage (CUDA): python3 benchmarks/gemm_accumulation.py [--shape 8b|1.5b] [--tokens 16384]"""
 import argparse
-import statistics
-
 import torch
+from _cuda_timing import median_us
 
 E4, E5 = torch.float8_e4m3fn, torch.float8_e5m2
 SHAPES = {  # d, FFN, KV width
@@ -24,20 +23,6 @@ SHAPES = {  # d, FFN, KV width
 def linears(d: int, ffn: int, kv: int) -> list[tuple[str, int, int]]:
     """(name, N, K) of a Llama decoder layer's linears."""
     return [("q", d, d), ("k", kv, d), ("v", kv, d), ("o", d, d), ("gate", ffn, d), ("up", ffn, d), ("down", d, ffn)]
-
-
-def timed(fn, warmup: int, iters: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def fp8_operand(rows: int, cols: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,10 +39,10 @@ def gemm_case(m: int, k: int, n: int, a_dtype, b_dtype, warmup: int, iters: int)
     for fast in (False, True):
         out = torch._scaled_mm(a, b, sa, sb, out_dtype=torch.float32, use_fast_accum=fast)
         rel = ((out - exact).norm() / exact.norm()).item()
-        us = timed(lambda: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=fast), warmup, iters)
+        us = median_us(lambda: torch._scaled_mm(a, b, sa, sb, out_dtype=torch.bfloat16, use_fast_accum=fast), warmup, iters)
         row["fast" if fast else "exact"] = (us, rel)
     a16, b16 = a.to(torch.bfloat16), b_nk.to(torch.bfloat16).t()
-    row["bf16"] = (timed(lambda: a16 @ b16, warmup, iters), None)
+    row["bf16"] = (median_us(lambda: a16 @ b16, warmup, iters), None)
     return row
 
 

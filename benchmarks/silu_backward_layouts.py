@@ -10,8 +10,8 @@ and the forward SiLU(gate) * up cast with and without tile_reductions. A..C are 
 against A, H's amaxes against A's.
 Usage (CUDA): python3 benchmarks/silu_backward_layouts.py [--ffn 8192,14336]"""
 import argparse
-import statistics
 import torch
+from _cuda_timing import median_us
 import triton
 import triton.language as tl
 
@@ -101,15 +101,8 @@ def hand(dh, g, u, s, amax_bits, bm=64, bn=64, warps=4):
     return outs
 
 
-def timed(fn, n=30):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record(); fn(); b.record(); b.synchronize(); ts.append(1000 * a.elapsed_time(b))
-    return statistics.median(ts)
+def timed(fn):
+    return median_us(fn, warmup=3, iters=30)
 
 
 def fwd(g, u, s, pend):  # forward: SiLU(gate) * up -> E4M3 and the transposed copy down_proj's grad-weight GEMM reads
