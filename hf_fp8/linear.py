@@ -53,13 +53,11 @@ def _cast_delayed(x: torch.Tensor, source: DelayedScale, i: int, transposed: boo
         scale = source.scale[i]
         pending = tuple(state.pending_amax[i] for state in record_in)
         x_fp8, x_fp8_t, amax = cast_fp8_fused(x, scale, source.dtypes[i], transposed, record_into=pending)
-        inv = source.inverse(i)
     else:
         amax = amax_of(x)
         scale = cast_scale(source, i, amax)
         x_fp8, x_fp8_t = cast_fp8_reference(x, scale, source.dtypes[i], transposed)
-        inv = inverse_scale(source, i, scale)
-    return x_fp8, x_fp8_t, inv, amax
+    return x_fp8, x_fp8_t, inverse_scale(source, i, scale), amax
 
 
 def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
