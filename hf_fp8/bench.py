@@ -11,6 +11,10 @@ small micro-batches).
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
 --micro-batches N splits each batch into N accumulated micro-batches (one optimizer step per batch).
+--cuda-graphs replays each compiled layer as a CUDA graph (inductor `triton.cudagraphs`): the host
+cost of a layer becomes one graph launch, which is what small micro-batches need. Gradients then stay
+allocated between steps (zeroed, not freed) so that accumulation adds into them in place; a gradient
+taken over from a graph's output would be overwritten by the next replay (pytorch#169545).
 Shapes: the paper's 1.5B Llama, an 8B-shape slice (4 of 32 layers), FOG-flash at 1.5B, tiny ones
 for smoke runs. Data: a fresh batch per step of learnable sequences (each token follows the previous
 by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after the timed steps
@@ -106,17 +110,29 @@ def learnable_batches(n: int, batch: int, seq_len: int, noise: float = 0.1, seed
     return out
 
 
-def train_step(model, opt, ids: torch.Tensor, micro_batches: int) -> torch.Tensor:
+def train_step(model, opt, ids: torch.Tensor, micro_batches: int, cuda_graphs: bool = False) -> torch.Tensor:
     """One optimizer step on `ids` (batch, seq), split into `micro_batches` accumulated micro-batches;
-    returns the mean loss (a device tensor: reading it would sync)."""
+    returns the mean loss (a device tensor: reading it would sync). `cuda_graphs`: the layers replay
+    CUDA graphs; each micro-batch starts a new graph generation and the gradients (allocated by
+    `keep_grads_allocated`) are zeroed in place."""
     losses = []
     for micro in ids.chunk(micro_batches):
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = model(input_ids=micro, labels=micro, use_cache=False).loss
         (loss / micro_batches).backward()
         losses.append(loss.detach())
     opt.step()
-    opt.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=not cuda_graphs)
     return torch.stack(losses).mean()
+
+
+def keep_grads_allocated(model) -> None:
+    """Give every trainable parameter a zero gradient, so that backward adds into it in place instead
+    of adopting the graph's output buffer (which the next CUDA-graph replay overwrites)."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _sync(device: torch.device) -> None:
@@ -135,8 +151,11 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     if report is not None and not args.quiet:
         print(report, flush=True)
     if not args.no_compile:
+        options = dict(args.compile_options or {}, **({"triton.cudagraphs": True} if args.cuda_graphs else {}))
         for layer in model.model.layers:
-            layer.compile(options=args.compile_options)
+            layer.compile(options=options or None)
+    if args.cuda_graphs:
+        keep_grads_allocated(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     if report is not None:
         attach(model, opt)
@@ -149,7 +168,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         ids = batches[step % len(batches)]
         _sync(device)
         t0 = time.perf_counter()
-        step_loss = train_step(model, opt, ids, args.micro_batches)
+        step_loss = train_step(model, opt, ids, args.micro_batches, args.cuda_graphs)
         t_host = time.perf_counter() - t0
         _sync(device)
         if step == args.warmup - 1:
@@ -187,7 +206,7 @@ def profile_steps(args, mode, model, opt, batches) -> None:
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
     with profile(activities=activities) as prof:
         for step in range(3):
-            train_step(model, opt, batches[step % len(batches)], args.micro_batches)
+            train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
         _sync(torch.device(args.device))
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -225,6 +244,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile", action="store_true", help="eager (no per-layer torch.compile)")
     p.add_argument("--compile-options", type=_inductor_options, default=None, metavar="JSON",
                    help='inductor options for every mode\'s per-layer compile, e.g. \'{"triton.tile_reductions": true}\'')
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay each compiled layer as a CUDA graph (CUDA only); gradients stay allocated between steps")
     p.add_argument("--quiet", action="store_true", help="do not print the FP8 coverage reports")
     p.add_argument("--out", default=None, help="merge the results into this JSON (shape -> mode -> numbers)")
     p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
@@ -246,6 +267,8 @@ def run(args) -> dict:
         raise ValueError(f"--micro-batches must be >= 1 and divide --batch-size ({args.batch_size}); got {args.micro_batches}")
     if args.compile_options and args.no_compile:
         raise ValueError("--compile-options needs compilation (drop --no-compile)")
+    if args.cuda_graphs and (args.no_compile or torch.device(args.device).type != "cuda"):
+        raise ValueError("--cuda-graphs needs compilation on a CUDA device (drop --no-compile; --device cuda)")
     for option, path in (("--results-md", args.results_md), ("--out", args.out)):
         if path and not Path(path).parent.is_dir():  # found out before the run, not after it
             raise ValueError(f"{option} {path}: directory {Path(path).parent} does not exist")
@@ -258,6 +281,7 @@ def run(args) -> dict:
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     options = f"  inductor {json.dumps(args.compile_options)}" if args.compile_options else ""
+    options += "  CUDA graphs" if args.cuda_graphs else ""
     micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
     print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}{micro}  {name}  torch {torch.__version__}{options}")
     print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'host ms':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
@@ -276,7 +300,8 @@ def run(args) -> dict:
         data = {} if "results" in data else data  # an old single-shape file is replaced
         data[args.shape] = {"device": name, "torch": torch.__version__, "batch": f"{args.batch_size}x{args.seq_len}",
                             **({"micro_batches": args.micro_batches} if args.micro_batches > 1 else {}),
-                            **({"compile_options": args.compile_options} if args.compile_options else {}), **results}
+                            **({"compile_options": args.compile_options} if args.compile_options else {}),
+                            **({"cuda_graphs": True} if args.cuda_graphs else {}), **results}
         path.write_text(json.dumps(data, indent=2))
     return results
 
@@ -289,6 +314,7 @@ def _record(args, results: dict, device_name: str) -> None:
     command = _results.command_line(argv if argv is not None else sys.argv[1:], getattr(args, "program", "python3 -m hf_fp8 bench"))
     how = "eager" if args.no_compile else "per-decoder-layer torch.compile" + (
         f" with inductor {json.dumps(args.compile_options)}" if args.compile_options else "")  # fmt: skip
+    how += ", each layer replayed as a CUDA graph (gradients kept allocated)" if args.cuda_graphs else ""
     micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
     rows = []
     for mode, r in results.items():

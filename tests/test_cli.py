@@ -270,9 +270,9 @@ def test_bench_micro_batches_accumulate_into_one_optimizer_step(tmp_path, capsys
     seen = []
     real_step = bench.train_step
 
-    def spy(model, opt, ids, micro_batches):
+    def spy(model, opt, ids, micro_batches, cuda_graphs=False):
         seen.append((tuple(ids.shape), micro_batches))
-        return real_step(model, opt, ids, micro_batches)
+        return real_step(model, opt, ids, micro_batches, cuda_graphs)
 
     monkeypatch.setattr(bench, "train_step", spy)
     out = tmp_path / "bench.json"
@@ -311,6 +311,38 @@ def test_train_step_accumulates_micro_batch_gradients():
     torch.testing.assert_close(loss, full.detach(), rtol=1e-5, atol=1e-6)
     for got, want in zip(grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_train_step_with_grads_kept_allocated_matches_the_default():
+    """bench.train_step(cuda_graphs=True) (the --cuda-graphs loop: gradients made by
+    keep_grads_allocated and zeroed in place, never freed) trains exactly like the default loop, and
+    the gradients stay the same tensors across steps (what lets accumulation add into them in place)."""
+    from hf_fp8 import bench
+
+    ids = [torch.randint(0, 4096, (4, 32), generator=torch.Generator().manual_seed(i)) for i in range(3)]
+
+    def train(cuda_graphs: bool):
+        model = bench.build_model("tiny", 32, "cpu").float()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if cuda_graphs:
+            bench.keep_grads_allocated(model)
+        grads = [p.grad for p in model.parameters()]
+        losses = [bench.train_step(model, opt, x, 2, cuda_graphs).item() for x in ids]
+        kept = all(p.grad is g for p, g in zip(model.parameters(), grads))
+        return losses, [p.detach().clone() for p in model.parameters()], kept
+
+    (want_losses, want_params, _), (losses, params, kept) = train(False), train(True)
+    assert kept
+    assert losses == pytest.approx(want_losses, rel=1e-6)
+    for got, want in zip(params, want_params):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_bench_cuda_graphs_needs_compiled_cuda(capsys):
+    for extra in (["--device", "cpu"], ["--device", "cpu", "--no-compile"]):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "--shape", "tiny", "--cuda-graphs", *extra])
+        assert e.value.code == 2 and "--cuda-graphs needs compilation on a CUDA device" in capsys.readouterr().err
 
 
 def test_bench_fog_shape_is_the_recipe_file():

@@ -244,15 +244,11 @@ def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
 
 
-_P_SCALES: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-
 def _p_scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, descale) of the softmax operand, (1, 1, 1, 1) fp32 on `device`: made once, not per call."""
-    if device.index not in _P_SCALES:
-        scale = torch.full((1, 1, 1, 1), P_SCALE, device=device)
-        _P_SCALES[device.index] = (scale, 1 / scale)
-    return _P_SCALES[device.index]
+    """(scale, descale) of the softmax operand, (1, 1, 1, 1) fp32 on `device`, made per call: a tensor
+    kept across calls would be allocated from the CUDA-graph pool of the first graph to run this op
+    and outlive it, which inductor's CUDA graphs refuse ("tensors in the cudagraph pool not tracked")."""
+    return (torch.full((1, 1, 1, 1), P_SCALE, device=device), torch.full((1, 1, 1, 1), 1 / P_SCALE, device=device))
 
 
 def _scalar_4d(x: torch.Tensor) -> torch.Tensor:
