@@ -5,8 +5,9 @@ same model shape, data and seed: forward + backward + AdamW (fused on CUDA), per
 torch.compile (unless --no-compile), use_cache=False, bf16 parameters, LM head in BF16. Reports the
 median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16, peak memory
 (CUDA), the loss after the timed steps, and the median host time of a step: how long the CPU took
-to enqueue it (on CUDA; close to the step time when the host, not the GPU, bounds the step, as with
-small micro-batches).
+to enqueue it (on CUDA). Well under the step time, the GPU sets the pace. Near it, either the host
+does or CUDA held the host back because about 1,000 launches were already pending on the stream (a
+step with more launches than that always ends this way); this number alone does not tell which.
 
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
@@ -325,7 +326,7 @@ def _record(args, results: dict, device_name: str) -> None:
     adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"
     body = [f"Shape {args.shape}, batch {args.batch_size} x {args.seq_len}{micro}, {how}, {adamw}; median of "
             f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; host ms: "
-            f"time to enqueue a step (near ms/step: the host bounds the step)."]  # fmt: skip
+            f"time to enqueue a step (near ms/step: the host bounds the step, or ~1,000 pending launches held it back)."]  # fmt: skip
     body += [""] + _results.markdown_table(
         ["mode", "tok/s", "vs BF16", "ms/step", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
     if args.out:
