@@ -139,9 +139,8 @@ def main(argv: list[str] | None = None):
     p.add_argument("--results-md", default=None, metavar="PATH", help="also record the run as the newest section of this Markdown file")
     p.add_argument("--note", default=None, metavar="TEXT", help="with --results-md: what changed since the last run")
     args = p.parse_args(argv)
-    for option, path in (("--results-md", args.results_md), ("--out", args.out)):
-        if path and not Path(path).parent.is_dir():  # found out before the run, not after it
-            p.error(f"{option} {path}: directory {Path(path).parent} does not exist")
+    if problem := _results.missing_output_directory({"--results-md": args.results_md, "--out": args.out}):
+        p.error(problem)
     results = {}
     header = f"{'case':<18} {'':>22} {'latency ms':>10} {'thru ms':>8} {'host ms':>8} {'vs SDPA (lat/thru)':>19}"
     print(header)

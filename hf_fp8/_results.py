@@ -57,6 +57,15 @@ def _git_commit() -> str:
     return f" (git {commit.stdout.strip()}{', modified' if dirty.stdout.strip() else ''})"
 
 
+def missing_output_directory(paths: dict[str, str | None]) -> str | None:
+    """The error for the first of `paths` (option -> path or None) whose directory does not exist, or
+    None: checked before a benchmark runs, not after it."""
+    for option, path in paths.items():
+        if path and not Path(path).parent.is_dir():
+            return f"{option} {path}: directory {Path(path).parent} does not exist"
+    return None
+
+
 def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]

@@ -23,7 +23,6 @@ for _name in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_name).addFilter(_DropKnownImportNoise())
 
 import torchao  # noqa: E402,F401
-from torchao.float8.float8_ops import addmm_float8_unwrapped  # noqa: E402
 from torchao.float8.float8_utils import to_fp8_saturated  # noqa: E402
 from torchao.float8.float8_training_tensor import (  # noqa: E402
     Float8TrainingTensor,
@@ -34,7 +33,6 @@ from torchao.float8.float8_training_tensor import (  # noqa: E402
 )
 
 __all__ = [
-    "addmm_float8_unwrapped",
     "Float8TrainingTensor",
     "GemmInputRole",
     "LinearMMConfig",

@@ -270,9 +270,10 @@ def run(args) -> dict:
         raise ValueError("--compile-options needs compilation (drop --no-compile)")
     if args.cuda_graphs and (args.no_compile or torch.device(args.device).type != "cuda"):
         raise ValueError("--cuda-graphs needs compilation on a CUDA device (drop --no-compile; --device cuda)")
-    for option, path in (("--results-md", args.results_md), ("--out", args.out)):
-        if path and not Path(path).parent.is_dir():  # found out before the run, not after it
-            raise ValueError(f"{option} {path}: directory {Path(path).parent} does not exist")
+    from ._results import missing_output_directory
+
+    if problem := missing_output_directory({"--results-md": args.results_md, "--out": args.out}):
+        raise ValueError(problem)
     results = {}
     batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
     for mode in modes:
@@ -283,13 +284,12 @@ def run(args) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     options = f"  inductor {json.dumps(args.compile_options)}" if args.compile_options else ""
     options += "  CUDA graphs" if args.cuda_graphs else ""
-    micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+    micro = _micro_batches_text(args)
     print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}{micro}  {name}  torch {torch.__version__}{options}")
     print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'host ms':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
     for mode, r in results.items():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
-        ratio = f"{r['ratio_vs_bf16']:.3f}" if base else "-"
-        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        ratio, peak = _ratio_and_peak(r)
         print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {r['host_ms_median']:>8.1f} {peak:>9} "
               f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
     if args.results_md:
@@ -307,6 +307,17 @@ def run(args) -> dict:
     return results
 
 
+def _ratio_and_peak(r: dict) -> tuple[str, str]:
+    """A result's ratio to BF16 and peak memory as table cells ("-" where there is none)."""
+    ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
+    peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+    return ratio, peak
+
+
+def _micro_batches_text(args) -> str:
+    return f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+
+
 def _record(args, results: dict, device_name: str) -> None:
     """--results-md: this run as the newest section of the Markdown file."""
     from . import _results
@@ -316,11 +327,10 @@ def _record(args, results: dict, device_name: str) -> None:
     how = "eager" if args.no_compile else "per-decoder-layer torch.compile" + (
         f" with inductor {json.dumps(args.compile_options)}" if args.compile_options else "")  # fmt: skip
     how += ", each layer replayed as a CUDA graph (gradients kept allocated)" if args.cuda_graphs else ""
-    micro = f" in {args.micro_batches} micro-batches" if args.micro_batches > 1 else ""
+    micro = _micro_batches_text(args)
     rows = []
     for mode, r in results.items():
-        ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
-        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        ratio, peak = _ratio_and_peak(r)
         rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", f"{r['host_ms_median']:.1f}", peak,
                      f"{r['compile_and_warmup_s']:.1f}", f"{r['loss']:.4f}"])  # fmt: skip
     adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"

@@ -98,8 +98,7 @@ class DelayedScale(nn.Module):
         """Recompute the stored inverse scales from `scale`. update_scales, load_state_dict,
         hub.load_fp8_state and raise_margin do it; code that writes `scale` itself must call this after."""
         with torch.no_grad():
-            inverses = [self.inverse(i) for i in range(len(self.roles))]
-            torch._foreach_copy_(inverses, list(self.scale.reciprocal().unbind()))
+            write_inverse_scales([self], self.scale)
 
     def initialized_on_host(self, i: int) -> bool:
         """Whether role i has a delayed scale, for host-side decisions (FSDP2 FP8 all-gather). Read
@@ -192,6 +191,13 @@ def inverse_scale(state: DelayedScale, i: int, scale: torch.Tensor) -> torch.Ten
     """1 / `scale`, where `scale` is what `cast_scale(state, i, ...)` returned: the stored inverse
     in the steady state (no kernel), else computed."""
     return state.inverse(i) if state.updated_on_host else scale.reciprocal()
+
+
+def write_inverse_scales(states: list[DelayedScale], scales: torch.Tensor) -> None:
+    """Set the stored inverse scales of `states` to 1 / `scales`, their roles' scales concatenated
+    in order: one foreach copy for a whole group of states."""
+    inverses = [state.inverse(i) for state in states for i in range(len(state.roles))]
+    torch._foreach_copy_(inverses, list(scales.reciprocal().unbind()))
 
 
 def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
@@ -349,8 +355,7 @@ def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinit
         (cleared, "pending_amax"),
     ):
         torch._foreach_copy_([getattr(m, name) for m in group], list(torch.split(new, sizes)))
-    inverses = [m.inverse(i) for m in group for i in range(len(m.roles))]
-    torch._foreach_copy_(inverses, list(scale.reciprocal().unbind()))
+    write_inverse_scales(group, scale)
 
 
 @dataclass
