@@ -4,10 +4,11 @@
 same model shape, data and seed: forward + backward + AdamW (fused on CUDA), per-decoder-layer
 torch.compile (unless --no-compile), use_cache=False, bf16 parameters, LM head in BF16. Reports the
 median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16, peak memory
-(CUDA), the loss after the timed steps, and the median host time of a step: how long the CPU took
-to enqueue it (on CUDA). Well under the step time, the GPU sets the pace. Near it, either the host
-does or CUDA held the host back because about 1,000 launches were already pending on the stream (a
-step with more launches than that always ends this way); this number alone does not tell which.
+(CUDA), the loss after the timed steps, the median host time of a step (how long the CPU took to
+enqueue it) and the GPU time of a step (its kernels' durations summed under the profiler, over two
+more steps). GPU ms near ms/step: the GPU bounds the step. Well under it: the GPU waits for the host.
+Host ms alone does not tell: CUDA holds the host back once ~1,000 launches are pending on a stream,
+so a host that is ahead still reads near the step time.
 
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
@@ -178,6 +179,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
             times.append(time.perf_counter() - t0)
             host_times.append(t_host)
         loss = step_loss.item()
+    gpu_ms = gpu_busy_ms(args, model, opt, batches) if device.type == "cuda" else None
     if args.profile:
         profile_steps(args, mode, model, opt, batches)
     median = statistics.median(times)
@@ -185,6 +187,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "step_ms_median": 1000 * median,
         "host_ms_median": 1000 * statistics.median(host_times),
+        "gpu_busy_ms": gpu_ms,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "compile_and_warmup_s": compile_s,
         "loss": loss,
@@ -198,6 +201,20 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         torch.cuda.empty_cache()
     torch._dynamo.reset()
     return result
+
+
+def gpu_busy_ms(args, model, opt, batches, steps: int = 2) -> float:
+    """Mean GPU time of `steps` more training steps: every kernel's, copy's and fill's duration
+    summed, as the profiler's "Self CUDA time total" (kernels inside CUDA graphs included)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for step in range(steps):
+            train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
+        _sync(torch.device(args.device))
+    device_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
+    return device_us / 1000 / steps
 
 
 def profile_steps(args, mode, model, opt, batches) -> None:
@@ -286,11 +303,11 @@ def run(args) -> dict:
     options += "  CUDA graphs" if args.cuda_graphs else ""
     micro = _micro_batches_text(args)
     print(f"\n{args.shape}  batch {args.batch_size}x{args.seq_len}{micro}  {name}  torch {torch.__version__}{options}")
-    print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'host ms':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
+    print(f"{'mode':<14} {'tok/s':>10} {'vs bf16':>8} {'ms/step':>8} {'GPU ms':>8} {'host ms':>8} {'peak GiB':>9} {'compile s':>9} {'loss':>8}")
     for mode, r in results.items():
         r["ratio_vs_bf16"] = r["tokens_per_s"] / base if base else None
-        ratio, peak = _ratio_and_peak(r)
-        print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {r['host_ms_median']:>8.1f} {peak:>9} "
+        ratio, gpu, peak = _cells(r)
+        print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {gpu:>8} {r['host_ms_median']:>8.1f} {peak:>9} "
               f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
     if args.results_md:
         _record(args, results, name)
@@ -307,11 +324,12 @@ def run(args) -> dict:
     return results
 
 
-def _ratio_and_peak(r: dict) -> tuple[str, str]:
-    """A result's ratio to BF16 and peak memory as table cells ("-" where there is none)."""
+def _cells(r: dict) -> tuple[str, str, str]:
+    """A result's ratio to BF16, GPU ms and peak memory as table cells ("-" where there is none)."""
     ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
+    gpu = f"{r['gpu_busy_ms']:.1f}" if r["gpu_busy_ms"] is not None else "-"
     peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
-    return ratio, peak
+    return ratio, gpu, peak
 
 
 def _micro_batches_text(args) -> str:
@@ -330,15 +348,15 @@ def _record(args, results: dict, device_name: str) -> None:
     micro = _micro_batches_text(args)
     rows = []
     for mode, r in results.items():
-        ratio, peak = _ratio_and_peak(r)
-        rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", f"{r['host_ms_median']:.1f}", peak,
+        ratio, gpu, peak = _cells(r)
+        rows.append([mode, f"{r['tokens_per_s']:,.0f}", ratio, f"{r['step_ms_median']:.1f}", gpu, f"{r['host_ms_median']:.1f}", peak,
                      f"{r['compile_and_warmup_s']:.1f}", f"{r['loss']:.4f}"])  # fmt: skip
     adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"
     body = [f"Shape {args.shape}, batch {args.batch_size} x {args.seq_len}{micro}, {how}, {adamw}; median of "
-            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; host ms: "
-            f"time to enqueue a step (near ms/step: the host bounds the step, or ~1,000 pending launches held it back)."]  # fmt: skip
+            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; GPU ms: kernel "
+            f"time of a step (profiler, 2 more steps; near ms/step: GPU-bound); host ms: time to enqueue a step."]  # fmt: skip
     body += [""] + _results.markdown_table(
-        ["mode", "tok/s", "vs BF16", "ms/step", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
+        ["mode", "tok/s", "vs BF16", "ms/step", "GPU ms", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
     if args.out:
         body += ["", f"Raw: `{args.out}`."]
     _results.record(args.results_md, f"hf-fp8 bench: {args.shape} ({device_name})", command,

@@ -257,6 +257,7 @@ def test_bench_cpu_smoke_writes_results_per_shape(tmp_path, capsys):
         assert math.isfinite(tiny[mode]["loss"]) and tiny[mode]["tokens_per_s"] > 0
         # Host time to enqueue a step: on CPU the step runs as it is enqueued.
         assert 0 < tiny[mode]["host_ms_median"] <= tiny[mode]["step_ms_median"]
+        assert tiny[mode]["gpu_busy_ms"] is None  # no GPU
     assert 0 < tiny["hf_fp8"]["fp8_flop_fraction"] < tiny["hf_fp8_attn"]["fp8_flop_fraction"] < 1
     assert "reference" in tiny["hf_fp8_attn"]["attention_kernel"]  # CPU: the pure-PyTorch reference
     assert "tokens/s" not in capsys.readouterr().err
@@ -343,6 +344,23 @@ def test_bench_cuda_graphs_needs_compiled_cuda(capsys):
         with pytest.raises(SystemExit) as e:
             main(["bench", "--shape", "tiny", "--cuda-graphs", *extra])
         assert e.value.code == 2 and "--cuda-graphs needs compilation on a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU time and CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("graphs", [[], ["--cuda-graphs"]])
+def test_bench_on_cuda_reports_gpu_time_within_the_step(tmp_path, graphs):
+    """On the GPU (tiny shape, compiled, 2 micro-batches, with and without CUDA graphs): every mode
+    trains, and the GPU time of a step (kernels summed under the profiler, graphs' kernels included)
+    is positive and no more than the step's wall time (one stream: kernels do not overlap)."""
+    out = tmp_path / "bench.json"
+    main(["bench", "--shape", "tiny", "--modes", "bf16,hf_fp8,hf_fp8_attn", "--warmup", "3", "--steps", "3",
+          "--seq-len", "256", "--batch-size", "4", "--micro-batches", "2", "--quiet", "--out", str(out), *graphs])
+    tiny = json.loads(out.read_text())["tiny"]
+    assert tiny.get("cuda_graphs", False) == bool(graphs)
+    for mode in ("bf16", "hf_fp8", "hf_fp8_attn"):
+        r = tiny[mode]
+        assert math.isfinite(r["loss"]), (mode, r)
+        assert 0 < r["gpu_busy_ms"] <= 1.05 * r["step_ms_median"], (mode, r)
 
 
 def test_bench_fog_shape_is_the_recipe_file():

@@ -31,7 +31,7 @@ def test_bench_records_each_run_as_the_newest_section(tmp_path, capsys):
     # the command reproduces the run, quoted for a shell
     assert f"    python3 -m hf_fp8 {' '.join(common)} --modes bf16 --note 'second run'" in section
     assert f"cpu; torch {torch.__version__}, transformers " in section and "hf_fp8 0." in section
-    assert "| mode | tok/s | vs BF16 | ms/step | host ms | peak GiB | compile + warm-up s | loss |" in section
+    assert "| mode | tok/s | vs BF16 | ms/step | GPU ms | host ms | peak GiB | compile + warm-up s | loss |" in section
     assert "| bf16 |" in section and "| 1.000 |" in section
     first_section = text[first:older]
     assert "| hf_fp8 |" in first_section and "batch 2 x 32, eager, AdamW" in first_section
