@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from . import _results
+
 LLAMA_SHAPES = {
     "1.5b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=8),
     "8b-slice": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=8),
@@ -203,32 +205,34 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     return result
 
 
+def _profiled_steps(args, model, opt, batches, steps: int):
+    """The torch.profiler record of `steps` more training steps (CPU, and CUDA on a GPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in range(steps):
+            train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
+        _sync(torch.device(args.device))
+    return prof
+
+
 def gpu_busy_ms(args, model, opt, batches, steps: int = 2) -> float:
     """Mean GPU time of `steps` more training steps: every kernel's, copy's and fill's duration
     summed, as the profiler's "Self CUDA time total" (kernels inside CUDA graphs included)."""
     from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for step in range(steps):
-            train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
-        _sync(torch.device(args.device))
+    prof = _profiled_steps(args, model, opt, batches, steps)
     device_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
     return device_us / 1000 / steps
 
 
 def profile_steps(args, mode, model, opt, batches) -> None:
     """Kernel time table of 3 training steps, written to <profile dir>/<shape>_<mode>.txt."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.device(args.device).type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        for step in range(3):
-            train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
-        _sync(torch.device(args.device))
+    prof = _profiled_steps(args, model, opt, batches, 3)
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
-    sort = "cuda_time_total" if ProfilerActivity.CUDA in activities else "cpu_time_total"
+    sort = "cuda_time_total" if torch.device(args.device).type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=90)
     (out / f"{args.shape}_{mode}.txt").write_text(table)
 
@@ -287,9 +291,7 @@ def run(args) -> dict:
         raise ValueError("--compile-options needs compilation (drop --no-compile)")
     if args.cuda_graphs and (args.no_compile or torch.device(args.device).type != "cuda"):
         raise ValueError("--cuda-graphs needs compilation on a CUDA device (drop --no-compile; --device cuda)")
-    from ._results import missing_output_directory
-
-    if problem := missing_output_directory({"--results-md": args.results_md, "--out": args.out}):
+    if problem := _results.missing_output_directory({"--results-md": args.results_md, "--out": args.out}):
         raise ValueError(problem)
     results = {}
     batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
@@ -338,8 +340,6 @@ def _micro_batches_text(args) -> str:
 
 def _record(args, results: dict, device_name: str) -> None:
     """--results-md: this run as the newest section of the Markdown file."""
-    from . import _results
-
     argv = getattr(args, "argv", None)
     command = _results.command_line(argv if argv is not None else sys.argv[1:], getattr(args, "program", "python3 -m hf_fp8 bench"))
     how = "eager" if args.no_compile else "per-decoder-layer torch.compile" + (

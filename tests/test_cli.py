@@ -339,6 +339,14 @@ def test_train_step_with_grads_kept_allocated_matches_the_default():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
+def test_bench_profile_writes_a_kernel_table_per_mode(tmp_path):
+    main(["bench", "--device", "cpu", "--no-compile", "--shape", "tiny", "--modes", "bf16,hf_fp8", "--seq-len", "32",
+          "--batch-size", "2", "--warmup", "1", "--steps", "1", "--quiet", "--profile", str(tmp_path / "prof")])
+    for mode in ("bf16", "hf_fp8"):
+        table = (tmp_path / "prof" / f"tiny_{mode}.txt").read_text()
+        assert "Optimizer.step" in table and "CPU total" in table, mode
+
+
 def test_bench_cuda_graphs_needs_compiled_cuda(capsys):
     for extra in (["--device", "cpu"], ["--device", "cpu", "--no-compile"]):
         with pytest.raises(SystemExit) as e:
