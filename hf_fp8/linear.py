@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ._torchao import Float8TrainingTensor, LinearMMConfig, ScaledMMConfig
-from .cast import cast_fp8_fused, cast_fp8_reference, fused_cast_applies
+from .cast import cast_fp8_fused, cast_fp8_reference, fused_cast_applies, transpose_fp8
 from .recipe import FP8Recipe
 from .scaling import DelayedScale, amax_of, cast_scale, inverse_scale, record_amax, record_amaxes
 
@@ -116,11 +116,13 @@ class _FP8GEMMs(torch.autograd.Function):
     with the cast (x8_t, w8_kn given, kept for backward; x8 and w8_nk are freed after forward). Else
     (x8_t / w8_kn None) backward transposes the kept x8 / w8_nk. Under torch.compile inductor fuses
     that copy, and its partitioner may re-cast in backward instead of keeping an FP8 copy (it does
-    for the weights: the BF16 parameter is kept anyway)."""
+    for the weights: the BF16 parameter is kept anyway). Siblings sharing one input cast (q/k/v,
+    gate/up) transpose it with cast.transpose_fp8, which torch.compile makes once for all of them."""
 
     @staticmethod
-    def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool):
-        ctx.state, ctx.linear_layout = state, linear_layout
+    def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool,
+                shared_input: bool):  # fmt: skip
+        ctx.state, ctx.linear_layout, ctx.shared_input = state, linear_layout, shared_input
         ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
         # Keep only what backward reads: x for the grad-weight GEMM, w for the grad-input GEMM (a
         # frozen LoRA base layer keeps no copy of its input).
@@ -144,13 +146,18 @@ class _FP8GEMMs(torch.autograd.Function):
             w8_kn = w_kept if ctx.w_transposed else w_kept.t().contiguous()
             grad_x = _gemm(go8, go_inv, w8_kn.t(), w_inv, grad_out.dtype, fast_accum=False)
         if need_w:
-            x8_t = x_kept if ctx.x_transposed else x_kept.t().contiguous()
+            if ctx.x_transposed:
+                x8_t = x_kept
+            elif ctx.shared_input:  # one copy for all siblings, see transpose_fp8
+                x8_t = transpose_fp8(x_kept)
+            else:
+                x8_t = x_kept.t().contiguous()
             go8_t, x8_t = _pad_tokens(go8_t), _pad_tokens(x8_t)
             if ctx.linear_layout:  # weight_t is W.T: produce W's gradient in W's (N, K) layout
                 grad_weight_t = _gemm(go8_t, go_inv, x8_t.t(), x_inv, grad_out.dtype, fast_accum=False).t()
             else:  # Conv1D: weight_t is the stored (K, N) weight
                 grad_weight_t = _gemm(x8_t, x_inv, go8_t.t(), go_inv, grad_out.dtype, fast_accum=False)
-        return grad_x, grad_weight_t, None, None, None, None, None, None, None, None
+        return grad_x, grad_weight_t, None, None, None, None, None, None, None, None, None
 
 
 def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool,
@@ -202,7 +209,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
                 record_amaxes(state, amaxes)
             if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
-        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout)
+        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, shared is not None)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 

@@ -75,6 +75,23 @@ def test_triton_cast_equals_reference_bitwise(fp8, dtype, shape):
     assert none is None and torch.equal(bits(y2), bits(ref))
 
 
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)  # CUDA: the Triton byte transpose
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("shape", [(256, 512), (100, 300), (1, 16), (4096, 64), (3, 1000)])
+def test_transpose_fp8_is_the_transposed_copy_bitwise(device, fp8, shape):
+    y, _ = cast.cast_fp8_reference(sample(shape, torch.float32, device, seed=shape[1]), torch.tensor(5.0, device=device), fp8, False)
+    assert (y.float() != 0).float().mean() > 0.5
+    y_t = cast.transpose_fp8(y)
+    assert y_t.dtype == fp8 and y_t.shape == (shape[1], shape[0]) and y_t.is_contiguous()
+    assert torch.equal(bits(y_t), bits(y.t().contiguous()))
+    # A non-contiguous input (a column slice) is transposed as its values, not its storage.
+    sliced = y[:, 1:]
+    assert torch.equal(bits(cast.transpose_fp8(sliced)), bits(sliced.t().contiguous()))
+
+
 def test_report_line_names_the_cast(monkeypatch):
     assert cast.describe(torch.device("cpu")).startswith("eager: the PyTorch reference (cpu device)")
     monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", False)

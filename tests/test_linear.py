@@ -228,3 +228,39 @@ def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_up
         assert sum(t == "aten.copy_.default" for t in targets) == 1, (name, targets)
     # ...and the amaxes were recorded (input and weight by the forward, grad-output by the backward).
     assert (layer.fp8_scale.pending_amax > 0).all()
+
+
+def test_compiled_llama_layer_transposes_each_shared_fp8_input_once_outside_the_producing_kernel():
+    """The grad-weight GEMMs read each linear's FP8 input transposed. As a plain transpose in
+    backward, inductor recomputed the q/k/v input's RMSNorm there and fused the transposed store
+    into the norm-backward kernel, once per sibling (three identical copies); with 4096-token
+    batches that kernel is a mix-order reduction storing one byte per row (0.37 ms per layer on the
+    H200, ~10% of the step). Shared inputs now go through the opaque hf_fp8::transpose_fp8, made
+    once per shared input: q/k/v and gate/up, 2 per layer."""
+    import transformers
+    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, example_inputs):
+            graphs[name] = gm
+            return make_boxed_func(gm.forward)
+
+        return compiler
+
+    device = DEVICES[-1]  # as above: torch 2.11's dynamo breaks the CPU graph
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
+    ids = torch.randint(0, 128, (2, 32), device=device)
+    model.model.layers[0].compile(backend=aot_autograd(
+        fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=min_cut_rematerialization_partition,
+        keep_inference_input_mutations=True))
+    model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    counts = {name: sum(n.op == "call_function" and "transpose_fp8" in str(n.target) for n in gm.graph.nodes)
+              for name, gm in graphs.items()}  # fmt: skip
+    assert sum(counts.values()) == 2, counts  # forward or backward: the partitioner's choice
