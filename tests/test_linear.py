@@ -188,16 +188,11 @@ def test_outputs_are_not_trivially_equal_to_high_precision():
     assert not torch.equal(fp8(x), ref(x))
 
 
-def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_update_per_pass():
-    """Under torch.compile every extra op of the scaling bookkeeping becomes a kernel launch of its
-    own (host time that small micro-batches cannot hide). Once the delayed scales are known, the
-    forward and backward graphs of an FP8Linear must take the GEMMs' inverse scales from the state
-    (no reciprocal: there were two per GEMM) and update the pending amaxes with one copy per pass
-    (the forward had one per recorded role)."""
+def graph_keeping_backend(graphs: dict):
+    """A torch.compile backend that runs the AOT forward and backward graphs as they are (min-cut
+    partitioned, as inductor's) and stores them in `graphs` under "forward" / "backward"."""
     from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
     from torch._dynamo.backends.common import aot_autograd
-
-    graphs = {}
 
     def keep(name):
         def compiler(gm, example_inputs):
@@ -206,6 +201,17 @@ def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_up
 
         return compiler
 
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"),
+                        partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)  # fmt: skip
+
+
+def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_update_per_pass():
+    """Under torch.compile every extra op of the scaling bookkeeping becomes a kernel launch of its
+    own (host time that small micro-batches cannot hide). Once the delayed scales are known, the
+    forward and backward graphs of an FP8Linear must take the GEMMs' inverse scales from the state
+    (no reciprocal: there were two per GEMM) and update the pending amaxes with one copy per pass
+    (the forward had one per recorded role)."""
+    graphs = {}
     # On the GPU machine: CUDA (torch 2.11's dynamo breaks the CPU graph at the oneDNN switch).
     device = DEVICES[-1]
     torch.manual_seed(0)
@@ -216,9 +222,7 @@ def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_up
         hf_fp8.update_scales(layer)
     assert layer.fp8_scale.updated_on_host
     torch._dynamo.reset()
-    compiled = torch.compile(layer, fullgraph=True, backend=aot_autograd(
-        fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=min_cut_rematerialization_partition,
-        keep_inference_input_mutations=True))
+    compiled = torch.compile(layer, fullgraph=True, backend=graph_keeping_backend(graphs))
     compiled(x).float().square().mean().backward()
     assert set(graphs) == {"forward", "backward"}
     for name, gm in graphs.items():
@@ -238,18 +242,7 @@ def test_compiled_llama_layer_transposes_each_shared_fp8_input_once_outside_the_
     H200, ~10% of the step). Shared inputs now go through the opaque hf_fp8::transpose_fp8, made
     once per shared input: q/k/v and gate/up, 2 per layer."""
     import transformers
-    from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
-    from torch._dynamo.backends.common import aot_autograd
-
     graphs = {}
-
-    def keep(name):
-        def compiler(gm, example_inputs):
-            graphs[name] = gm
-            return make_boxed_func(gm.forward)
-
-        return compiler
-
     device = DEVICES[-1]  # as above: torch 2.11's dynamo breaks the CPU graph
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=128)  # fmt: skip
@@ -257,9 +250,7 @@ def test_compiled_llama_layer_transposes_each_shared_fp8_input_once_outside_the_
     model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
     hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
     ids = torch.randint(0, 128, (2, 32), device=device)
-    model.model.layers[0].compile(backend=aot_autograd(
-        fw_compiler=keep("forward"), bw_compiler=keep("backward"), partition_fn=min_cut_rematerialization_partition,
-        keep_inference_input_mutations=True))
+    model.model.layers[0].compile(backend=graph_keeping_backend(graphs))
     model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
     counts = {name: sum(n.op == "call_function" and "transpose_fp8" in str(n.target) for n in gm.graph.nodes)
               for name, gm in graphs.items()}  # fmt: skip
