@@ -100,6 +100,14 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Up to this many tokens per batch, a shared FP8 input (q/k/v, gate/up) is transposed for backward
+# by the opaque cast.transpose_fp8 rather than by a transpose inductor fuses into the norm's
+# backward. Measured on the H200 at the 1.5B shape with CUDA graphs (RESULTS (30)): 4 x 4096-token
+# micro-batches 231 -> 213 ms per step; one 16k-token batch without graphs 172 -> 174 ms (inductor's own kernel is
+# the better one there, and the separate copy costs ~1 GiB of peak memory).
+_TRANSPOSE_ONCE_MAX_TOKENS = 8192
+
+
 class _FP8GEMMs(torch.autograd.Function):
     """out = x @ weight_t with its three GEMMs in FP8, on operands fp8_matmul has cast (x and
     weight_t, high precision, are inputs for autograd only). Backward casts the grad-output (E5M2 in
@@ -116,13 +124,14 @@ class _FP8GEMMs(torch.autograd.Function):
     with the cast (x8_t, w8_kn given, kept for backward; x8 and w8_nk are freed after forward). Else
     (x8_t / w8_kn None) backward transposes the kept x8 / w8_nk. Under torch.compile inductor fuses
     that copy, and its partitioner may re-cast in backward instead of keeping an FP8 copy (it does
-    for the weights: the BF16 parameter is kept anyway). Siblings sharing one input cast (q/k/v,
-    gate/up) transpose it with cast.transpose_fp8, which torch.compile makes once for all of them."""
+    for the weights: the BF16 parameter is kept anyway). With transpose_once, siblings sharing one
+    input cast (q/k/v, gate/up) transpose it with cast.transpose_fp8, which torch.compile makes once
+    for all of them (see _TRANSPOSE_ONCE_MAX_TOKENS for when)."""
 
     @staticmethod
     def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool,
-                shared_input: bool):  # fmt: skip
-        ctx.state, ctx.linear_layout, ctx.shared_input = state, linear_layout, shared_input
+                transpose_once: bool):  # fmt: skip
+        ctx.state, ctx.linear_layout, ctx.transpose_once = state, linear_layout, transpose_once
         ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
         # Keep only what backward reads: x for the grad-weight GEMM, w for the grad-input GEMM (a
         # frozen LoRA base layer keeps no copy of its input).
@@ -148,7 +157,7 @@ class _FP8GEMMs(torch.autograd.Function):
         if need_w:
             if ctx.x_transposed:
                 x8_t = x_kept
-            elif ctx.shared_input:  # one copy for all siblings, see transpose_fp8
+            elif ctx.transpose_once:  # one copy for all siblings, see transpose_fp8
                 x8_t = transpose_fp8(x_kept)
             else:
                 x8_t = x_kept.t().contiguous()
@@ -209,7 +218,8 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
                 record_amaxes(state, amaxes)
             if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
-        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, shared is not None)
+        transpose_once = shared is not None and x2d.shape[0] <= _TRANSPOSE_ONCE_MAX_TOKENS
+        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, transpose_once)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
