@@ -5,10 +5,11 @@ same model shape, data and seed: forward + backward + AdamW (fused on CUDA), per
 torch.compile (unless --no-compile), use_cache=False, bf16 parameters, LM head in BF16. Reports the
 median step time over the timed steps (after warm-up/compile), tokens/s, ratio to BF16, peak memory
 (CUDA), the loss after the timed steps, the median host time of a step (how long the CPU took to
-enqueue it) and the GPU time of a step (its kernels' durations summed under the profiler, over two
-more steps). GPU ms near ms/step: the GPU bounds the step. Well under it: the GPU waits for the host.
-Host ms alone does not tell: CUDA holds the host back once ~1,000 launches are pending on a stream,
-so a host that is ahead still reads near the step time.
+enqueue it) and, with --gpu-time, the GPU time of a step (its kernels' durations summed under the
+profiler over two steps, in a second pass after every mode is timed, since a profiler session slows
+whatever runs after it). GPU ms near ms/step: the GPU bounds the step. Well under it: the GPU waits
+for the host. Host ms alone does not tell: CUDA holds the host back once ~1,000 launches are pending
+on a stream, so a host that is ahead still reads near the step time.
 
 Modes: bf16; torchao (tensorwise dynamic, the peer); hf_fp8 (linears in FP8, delayed scaling);
 hf_fp8_attn (linears + attention in FP8); hf_fp8_nosync (hf_fp8 without the inf/NaN check).
@@ -23,7 +24,7 @@ by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after 
 compares how FP8 and BF16 start to learn; random tokens cycled over a few batches (the earlier data)
 measured how fast each memorizes noise. A throughput run, not a quality measure.
 
-  hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --out results.json \
+  hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --gpu-time --out results.json \
       --results-md benchmarks/RESULTS.md --note "what changed since the last run"
 """
 
@@ -144,16 +145,14 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
-    """Build, convert, (compile), warm up and time one mode on `batches` (CPU token ids, one per
-    step); its result dict."""
+def prepare_mode(args, mode: str, batches: list[torch.Tensor]):
+    """Build, convert, (compile) and attach one mode: (model, optimizer, FP8 report or None, the
+    batches on the device)."""
     from . import attach
 
     device = torch.device(args.device)
     model = build_model(args.shape, args.seq_len, device)
     report = convert(model, mode)
-    if report is not None and not args.quiet:
-        print(report, flush=True)
     if not args.no_compile:
         options = dict(args.compile_options or {}, **({"triton.cudagraphs": True} if args.cuda_graphs else {}))
         for layer in model.model.layers:
@@ -163,7 +162,24 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=device.type == "cuda")
     if report is not None:
         attach(model, opt)
-    batches = [b.to(device) for b in batches]
+    return model, opt, report, [b.to(device) for b in batches]
+
+
+def _free_mode(device: torch.device) -> None:
+    """After a mode's model and optimizer are deleted: release their memory and compiled code."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
+    """Build, convert, (compile), warm up and time one mode on `batches` (CPU token ids, one per
+    step); its result dict (gpu_busy_ms None: see measure_kernels)."""
+    device = torch.device(args.device)
+    model, opt, report, batches = prepare_mode(args, mode, batches)
+    if report is not None and not args.quiet:
+        print(report, flush=True)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     times, host_times, loss, compile_s = [], [], None, 0.0
@@ -181,15 +197,12 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
             times.append(time.perf_counter() - t0)
             host_times.append(t_host)
         loss = step_loss.item()
-    gpu_ms = gpu_busy_ms(args, model, opt, batches) if device.type == "cuda" else None
-    if args.profile:
-        profile_steps(args, mode, model, opt, batches)
     median = statistics.median(times)
     result = {
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "step_ms_median": 1000 * median,
         "host_ms_median": 1000 * statistics.median(host_times),
-        "gpu_busy_ms": gpu_ms,
+        "gpu_busy_ms": None,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "compile_and_warmup_s": compile_s,
         "loss": loss,
@@ -198,11 +211,27 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         result["fp8_flop_fraction"] = report.fp8_flop_fraction
         result["attention_kernel"] = report.attention_kernel or None
     del model, opt
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch._dynamo.reset()
+    _free_mode(device)
     return result
+
+
+def measure_kernels(args, mode: str, batches: list[torch.Tensor]) -> float | None:
+    """--gpu-time and --profile, for one mode, in a pass of their own after every mode was timed:
+    the mode is built and warmed up again (inductor's cache makes the compile quick) and profiled.
+    Why not right after the mode's timed steps: a profiler session with CUDA activity leaves CUPTI
+    hooked into the process, and every later kernel launch pays for it (measured on the H200: the
+    third mode of a 1.5B run 185 ms per step against 172 alone, same GPU time). Returns the GPU ms of
+    a step, or None without --gpu-time."""
+    device = torch.device(args.device)
+    model, opt, _, batches = prepare_mode(args, mode, batches)
+    for step in range(args.warmup):
+        train_step(model, opt, batches[step % len(batches)], args.micro_batches, args.cuda_graphs)
+    gpu_ms = gpu_busy_ms(args, model, opt, batches) if args.gpu_time else None
+    if args.profile:
+        profile_steps(args, mode, model, opt, batches)
+    del model, opt
+    _free_mode(device)
+    return gpu_ms
 
 
 def _profiled_steps(args, model, opt, batches, steps: int):
@@ -270,7 +299,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="replay each compiled layer as a CUDA graph (CUDA only); gradients stay allocated between steps")
     p.add_argument("--quiet", action="store_true", help="do not print the FP8 coverage reports")
     p.add_argument("--out", default=None, help="merge the results into this JSON (shape -> mode -> numbers)")
-    p.add_argument("--profile", default=None, metavar="DIR", help="also write a kernel time table per mode here")
+    p.add_argument("--gpu-time", action="store_true",
+                   help="also measure each mode's GPU (kernel) time per step, in a profiled pass after all modes are timed (CUDA)")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="also write a kernel time table per mode here (profiled pass after all modes are timed)")
     p.add_argument("--results-md", default=None, metavar="PATH",
                    help="also record the run (command, versions, date, table) as the newest section of this Markdown "
                         "file, e.g. benchmarks/RESULTS.md")  # fmt: skip
@@ -293,11 +325,16 @@ def run(args) -> dict:
         raise ValueError("--cuda-graphs needs compilation on a CUDA device (drop --no-compile; --device cuda)")
     if problem := _results.missing_output_directory({"--results-md": args.results_md, "--out": args.out}):
         raise ValueError(problem)
+    if args.gpu_time and torch.device(args.device).type != "cuda":
+        raise ValueError("--gpu-time needs a CUDA device (--device cuda)")
     results = {}
     batches = learnable_batches(args.warmup + args.steps, args.batch_size, args.seq_len)  # the same for every mode
     for mode in modes:
         results[mode] = run_mode(args, mode, batches)
         print(mode, json.dumps(results[mode]), flush=True)
+    if args.gpu_time or args.profile:  # every mode timed first: see measure_kernels
+        for mode in modes:
+            results[mode]["gpu_busy_ms"] = measure_kernels(args, mode, batches)
     base = results.get("bf16", {}).get("tokens_per_s")
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -353,8 +390,9 @@ def _record(args, results: dict, device_name: str) -> None:
                      f"{r['compile_and_warmup_s']:.1f}", f"{r['loss']:.4f}"])  # fmt: skip
     adamw = "fused AdamW" if torch.device(args.device).type == "cuda" else "AdamW"
     body = [f"Shape {args.shape}, batch {args.batch_size} x {args.seq_len}{micro}, {how}, {adamw}; median of "
-            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; GPU ms: kernel "
-            f"time of a step (profiler, 2 more steps; near ms/step: GPU-bound); host ms: time to enqueue a step."]  # fmt: skip
+            f"{args.steps} timed steps after {args.warmup} warm-up steps; ratios to BF16 in this run; GPU ms (--gpu-time): "
+            f"kernel time of a step (profiler, 2 steps in a pass after all modes are timed; near ms/step: GPU-bound); "
+            f"host ms: time to enqueue a step."]  # fmt: skip
     body += [""] + _results.markdown_table(
         ["mode", "tok/s", "vs BF16", "ms/step", "GPU ms", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
     if args.out:

@@ -100,12 +100,13 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Up to this many tokens per batch, a shared FP8 input (q/k/v, gate/up) is transposed for backward
-# by the opaque cast.transpose_fp8 rather than by a transpose inductor fuses into the norm's
-# backward. Measured on the H200 at the 1.5B shape with CUDA graphs (RESULTS (30)): 4 x 4096-token
-# micro-batches 231 -> 213 ms per step; one 16k-token batch without graphs 172 -> 174 ms (inductor's own kernel is
-# the better one there, and the separate copy costs ~1 GiB of peak memory).
-_TRANSPOSE_ONCE_MAX_TOKENS = 8192
+# Batches (in tokens) whose shared FP8 inputs (q/k/v, gate/up) are transposed for backward by the
+# opaque cast.transpose_fp8 rather than by a transpose inductor fuses into the norm's backward. From
+# 4096 rows inductor (torch 2.11-2.13) may make that backward a mix-order reduction, which stores
+# fused transposed copies one byte per row (see transpose_fp8). Measured on the H200 at the 1.5B shape
+# (RESULTS (30)): 4 x 4096-token micro-batches with CUDA graphs 231 -> 213 ms per step; 2 x 8192 with
+# graphs 186 -> 190 ms and one 16k-token batch 172 -> 174 ms, where inductor's own kernel is faster.
+_TRANSPOSE_ONCE_TOKENS = range(4096, 8192)
 
 
 class _FP8GEMMs(torch.autograd.Function):
@@ -126,7 +127,7 @@ class _FP8GEMMs(torch.autograd.Function):
     that copy, and its partitioner may re-cast in backward instead of keeping an FP8 copy (it does
     for the weights: the BF16 parameter is kept anyway). With transpose_once, siblings sharing one
     input cast (q/k/v, gate/up) transpose it with cast.transpose_fp8, which torch.compile makes once
-    for all of them (see _TRANSPOSE_ONCE_MAX_TOKENS for when)."""
+    for all of them (see _TRANSPOSE_ONCE_TOKENS for when)."""
 
     @staticmethod
     def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool,
@@ -218,7 +219,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
                 record_amaxes(state, amaxes)
             if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
-        transpose_once = shared is not None and x2d.shape[0] <= _TRANSPOSE_ONCE_MAX_TOKENS
+        transpose_once = shared is not None and x2d.shape[0] in _TRANSPOSE_ONCE_TOKENS
         out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, transpose_once)
     return out.reshape(*shape[:-1], out.shape[-1])
 

@@ -234,19 +234,19 @@ def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_up
     assert (layer.fp8_scale.pending_amax > 0).all()
 
 
-@pytest.mark.parametrize("max_tokens,expected", [(64, 2), (63, 0)])
+@pytest.mark.parametrize("tokens,expected", [(range(64, 128), 2), (range(0, 64), 0), (range(65, 128), 0)])
 def test_compiled_llama_layer_transposes_each_shared_fp8_input_once_outside_the_producing_kernel(
-        monkeypatch, max_tokens, expected):  # fmt: skip
+        monkeypatch, tokens, expected):  # fmt: skip
     """The grad-weight GEMMs read each linear's FP8 input transposed. As a plain transpose in
     backward, inductor recomputed the q/k/v input's RMSNorm there and fused the transposed store
     into the norm-backward kernel, once per sibling (three identical copies); with 4096-token
     batches that kernel is a mix-order reduction storing one byte per row (0.37 ms per layer on the
     H200, ~10% of the step). Shared inputs now go through the opaque hf_fp8::transpose_fp8, made
-    once per shared input: q/k/v and gate/up, 2 per layer, for batches of up to
-    _TRANSPOSE_ONCE_MAX_TOKENS tokens; above it (here 2 x 32 = 64 tokens against a limit of 63)
-    inductor's fused copy is the faster one and no transpose_fp8 is made."""
+    once per shared input: q/k/v and gate/up, 2 per layer, for batches of the token counts in
+    _TRANSPOSE_ONCE_TOKENS (here 2 x 32 = 64 tokens, placed inside and on either side of the
+    range); elsewhere inductor's fused copy is the faster one and no transpose_fp8 is made."""
     import transformers
-    monkeypatch.setattr(hf_fp8.linear, "_TRANSPOSE_ONCE_MAX_TOKENS", max_tokens)
+    monkeypatch.setattr(hf_fp8.linear, "_TRANSPOSE_ONCE_TOKENS", tokens)
     graphs = {}
     device = DEVICES[-1]  # as above: torch 2.11's dynamo breaks the CPU graph
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
