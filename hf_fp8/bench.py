@@ -218,10 +218,10 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
 def measure_kernels(args, mode: str, batches: list[torch.Tensor]) -> float | None:
     """--gpu-time and --profile, for one mode, in a pass of their own after every mode was timed:
     the mode is built and warmed up again (inductor's cache makes the compile quick) and profiled.
-    Why not right after the mode's timed steps: a profiler session with CUDA activity leaves CUPTI
-    hooked into the process, and every later kernel launch pays for it (measured on the H200: the
-    third mode of a 1.5B run 185 ms per step against 172 alone, same GPU time). Returns the GPU ms of
-    a step, or None without --gpu-time."""
+    Why not right after the mode's timed steps: a profiler session with CUDA activity leaves the
+    process's host side slower (measured on the H200: the third mode of a 1.5B run 185 ms per step
+    against 172 alone, same GPU time; CUPTI's hooks can stay attached, pytorch#144455). Returns the
+    GPU ms of a step, or None without --gpu-time."""
     device = torch.device(args.device)
     model, opt, _, batches = prepare_mode(args, mode, batches)
     for step in range(args.warmup):
