@@ -106,7 +106,9 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
 # fused transposed copies one byte per row (see transpose_fp8). Measured on the H200 at the 1.5B shape
 # (RESULTS (30)): 4 x 4096-token micro-batches with CUDA graphs 231 -> 213 ms per step; 2 x 8192 with
 # graphs 186 -> 190 ms and one 16k-token batch 172 -> 174 ms, where inductor's own kernel is faster.
-_TRANSPOSE_ONCE_TOKENS = range(4096, 8192)
+# [first, end) in tokens; compared with <, not `in range(...)`, which scans a symbolic size one value
+# at a time under torch.compile's dynamic shapes.
+_TRANSPOSE_ONCE_TOKENS = (4096, 8192)
 
 
 class _FP8GEMMs(torch.autograd.Function):
@@ -219,7 +221,8 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
                 record_amaxes(state, amaxes)
             if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
-        transpose_once = shared is not None and x2d.shape[0] in _TRANSPOSE_ONCE_TOKENS
+        first, end = _TRANSPOSE_ONCE_TOKENS
+        transpose_once = shared is not None and first <= x2d.shape[0] < end
         out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, transpose_once)
     return out.reshape(*shape[:-1], out.shape[-1])
 

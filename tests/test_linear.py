@@ -234,7 +234,25 @@ def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_up
     assert (layer.fp8_scale.pending_amax > 0).all()
 
 
-@pytest.mark.parametrize("tokens,expected", [(range(64, 128), 2), (range(0, 64), 0), (range(65, 128), 0)])
+def test_compiled_llama_layer_with_dynamic_shapes_trains_at_two_lengths():
+    """With dynamic shapes the token count is symbolic; the transpose_once test on it crashed
+    dynamo when it was written `n in range(first, end)` (AsPythonConstantNotImplementedError)."""
+    import transformers
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=DEVICES[-1], dtype=torch.bfloat16)
+    hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
+    model.model.layers[0].compile(dynamic=True, backend="aot_eager")
+    for seq in (32, 48):
+        ids = torch.randint(0, 128, (2, seq), device=DEVICES[-1])
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        assert torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("tokens,expected", [((64, 128), 2), ((0, 64), 0), ((65, 128), 0)])
 def test_compiled_llama_layer_transposes_each_shared_fp8_input_once_outside_the_producing_kernel(
         monkeypatch, tokens, expected):  # fmt: skip
     """The grad-weight GEMMs read each linear's FP8 input transposed. As a plain transpose in
