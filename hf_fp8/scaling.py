@@ -153,8 +153,17 @@ def in_memory_order(x: torch.Tensor) -> torch.Tensor:
 
 
 def memory_order(x: torch.Tensor) -> list[int]:
-    """x's dims from the largest stride to the smallest (its memory order when x is dense)."""
-    return sorted(range(x.dim()), key=lambda d: x.stride(d), reverse=True)
+    """x's dims from the largest stride to the smallest (its memory order when x is dense); dims of
+    equal stride keep their order. An insertion sort written out, not sorted(key=...): under
+    torch.compile with dynamic shapes the strides are symbolic, and dynamo breaks the graph on a
+    sort with symbolic keys while it traces these comparisons (as guards)."""
+    order: list[int] = []
+    for d in range(x.dim()):
+        i = len(order)
+        while i > 0 and x.stride(order[i - 1]) < x.stride(d):
+            i -= 1
+        order.insert(i, d)
+    return order
 
 
 def amax_of(x: torch.Tensor) -> torch.Tensor:
