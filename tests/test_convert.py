@@ -595,6 +595,30 @@ def test_torch_compile_converted_llama_decoder_layer():
         torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_compiled_layers_train_at_varying_lengths_without_a_graph_break(arch):
+    """Per-layer torch.compile with FP8 linears and FP8 attention (shared input scales on) over two
+    sequence lengths: the second length recompiles with dynamic shapes (symbolic sizes and strides),
+    where hf_fp8's code once crashed dynamo and once broke the graph in FP8 attention; no graph break,
+    finite losses. Backend "eager": dynamo's tracing is what is checked, without a compiler's time."""
+    model = build(arch, num_hidden_layers=1).to(torch.bfloat16).train()
+    convert_model(model, FP8Recipe(share_input_scales=True, attention=True))
+    layers = next(m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == 1)  # the decoder layers
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        for layer in layers:
+            layer.compile(backend="eager")
+        for seq in (13, 24):
+            ids = random_ids(seq, seq=seq)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            assert torch.isfinite(loss), (arch, seq)
+        assert dict(torch._dynamo.utils.counters["graph_break"]) == {}, arch
+    finally:
+        torch._dynamo.reset()
+
+
 def test_report_summary_is_json_ready():
     import json
 
