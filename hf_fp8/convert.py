@@ -17,6 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from . import attention, cast
 from .linear import FP8Conv1D, FP8Linear, check_fp8_dims
 from .recipe import FP8Recipe
+from .scaling import without_compile_wrapper
 
 # Attention GEMM FLOPs depend on the context length; counted at this many tokens at most.
 _MAX_REPORT_CONTEXT = 4096
@@ -273,6 +274,7 @@ def convert_model(model: nn.Module, recipe: FP8Recipe | None = None, *, context:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model expects a torch.nn.Module, got {type(model).__name__}")
+    model = without_compile_wrapper(model)  # torch.compile(model): convert the model inside (names, save hooks)
     recipe = recipe or FP8Recipe()
     if not isinstance(recipe, FP8Recipe):
         raise TypeError(f"convert_model: recipe must be an hf_fp8.FP8Recipe, got {type(recipe).__name__}")
@@ -349,6 +351,7 @@ def revert_model(model: nn.Module) -> list[str]:
     """Turn every FP8Linear/FP8Conv1D of `model` back into nn.Linear/Conv1D sharing the same
     Parameters, and FP8 attention back to the attention implementation used before (the FP8 scaling
     state is dropped). Returns the reverted module names."""
+    model = without_compile_wrapper(model)
     if isinstance(model, (FP8Linear, FP8Conv1D)):
         raise TypeError("revert_model reverts the layers inside a model; for one layer use layer.to_linear() / layer.to_conv1d()")
     reverted = attention.revert_attention(model)

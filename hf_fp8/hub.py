@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .recipe import FP8Recipe
-from .scaling import DelayedScale, delayed_scale_states, scale_buffers
+from .scaling import DelayedScale, delayed_scale_states, scale_buffers, without_compile_wrapper
 
 __all__ = [
     "FP8_RECIPE_NAME",
@@ -168,6 +168,7 @@ def save_fp8_state(model: nn.Module, directory: str | os.PathLike) -> list[str]:
 
     from . import __version__
 
+    model = without_compile_wrapper(model)
     tensors = _fp8_state_tensors(model)
     if not tensors:
         return []
@@ -247,6 +248,7 @@ def load_fp8_state(model: nn.Module, path: str | os.PathLike) -> list[str]:
     first mismatch raises ValueError naming it. Returns the restored keys."""
     from safetensors import safe_open
 
+    model = without_compile_wrapper(model)
     state_path, meta_path = _fp8_paths(path)
     meta = None
     if meta_path is not None:
@@ -399,6 +401,7 @@ def model_card(
     """
     from huggingface_hub import ModelCard, ModelCardData
 
+    model = without_compile_wrapper(model)
     report = report if report is not None else model.__dict__.get(_REPORT)
     recipe = getattr(report, "recipe", None) or _recipe_of(model) or FP8Recipe()
     config = getattr(model, "config", None)

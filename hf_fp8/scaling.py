@@ -12,6 +12,7 @@ So scales change exactly once per optimizer step. Scale convention (torchao's): 
 from __future__ import annotations
 
 import itertools
+import sys
 import warnings
 from dataclasses import dataclass
 
@@ -242,9 +243,21 @@ def scale_buffers(model: nn.Module, *, persistent_only: bool = False, remove_dup
             yield (f"{name}.{buffer}" if name else buffer), tensor
 
 
+def without_compile_wrapper(model: nn.Module) -> nn.Module:
+    """The model inside torch.compile's wrapper, else `model`. `torch.compile(model)` returns an
+    OptimizedModule holding `model` as `_orig_mod`: its module names start with "_orig_mod." and its
+    type has no save_pretrained. hf_fp8's public functions work on the inner model, so that layer
+    names (reports, stats, checkpoints) and the save hooks are the model's own, compiled or not."""
+    eval_frame = sys.modules.get("torch._dynamo.eval_frame")  # not imported: nothing was compiled
+    while eval_frame is not None and isinstance(model, eval_frame.OptimizedModule):
+        model = model._orig_mod
+    return model
+
+
 def delayed_scale_states(model: nn.Module) -> list[tuple[str, DelayedScale]]:
-    """(name of the FP8 layer owning the state, state) for every DelayedScale in `model`;
-    the model itself is named "<root>"."""
+    """(name of the FP8 layer owning the state, state) for every DelayedScale in `model` (inside a
+    torch.compile wrapper if any); the model itself is named "<root>"."""
+    model = without_compile_wrapper(model)
     out = []
     for name, m in model.named_modules():
         if isinstance(m, DelayedScale):
@@ -270,7 +283,7 @@ def update_scales(model: nn.Module) -> None:
     the "nothing recorded" error too). "raise" and CPU tensors check at once.
     """
     with torch.no_grad():
-        _update_scales(model, require_recorded=True)
+        _update_scales(without_compile_wrapper(model), require_recorded=True)
 
 
 # Attribute of the model holding the device-side check of the last update, read at the next one.
@@ -437,6 +450,7 @@ def attach(model: nn.Module, optimizer: torch.optim.Optimizer):
     leaves the scales as they are. Returns the hook
     handle (`handle.remove()` detaches). Attaching the same model to the same optimizer twice is
     refused, since it would roll the histories twice per step."""
+    model = without_compile_wrapper(model)  # the same model compiled or not: one hook
     if not delayed_scale_states(model):
         raise ValueError("hf_fp8.attach: the model has no FP8 layers; call hf_fp8.convert_model(model) first")
     handles = getattr(optimizer, "_hf_fp8_handles", None)

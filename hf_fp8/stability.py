@@ -38,6 +38,7 @@ from torch import nn
 
 from .attention import attention_modules
 from .attention.register import FALLBACK_ATTR, STATE_ATTR
+from .scaling import without_compile_wrapper
 
 __all__ = ["MODES", "StabilityReport", "apply_attention_stability", "fog_softmax_scale"]
 
@@ -104,6 +105,7 @@ def apply_attention_stability(
     Idempotent. Raises ValueError for an unknown mode (listing the modes) and for models fog-guard
     cannot be applied to (saying why).
     """
+    model = without_compile_wrapper(model)
     if mode is None:
         recorded = getattr(getattr(model, "config", None), CONFIG_ATTR, None)
         if not recorded:

@@ -65,7 +65,7 @@ from transformers.pytorch_utils import Conv1D
 from ._torchao import to_fp8_saturated
 from .attention.register import ATTN_IMPLEMENTATION, FALLBACK_ATTR, STATE_ATTR
 from .linear import LINEAR_ROLES, _autocast_input
-from .scaling import DelayedScale, amax_of, cast_scale, delayed_scale_states
+from .scaling import DelayedScale, amax_of, cast_scale, delayed_scale_states, without_compile_wrapper
 
 __all__ = ["FP8StepStats", "collect_fp8_stats", "fp8_stats"]
 
@@ -225,7 +225,7 @@ class FP8StepStats:
     forwards are counted again (same values, so fractions and averages do not change)."""
 
     def __init__(self, model: nn.Module):
-        self.model = model
+        self.model = without_compile_wrapper(model)
         self.layers: dict[str, dict[str, dict[str, float]]] | None = None
         self.kurtosis: dict[str, dict[str, float | dict[str, float]]] | None = None
         self._active = False

@@ -203,6 +203,40 @@ def test_load_fp8_state_round_trip_and_margin(tmp_path):
         assert not torch.equal(b.scale, torch.ones_like(b.scale)) and torch.equal(b.inv_scale, b.scale.reciprocal())
 
 
+def test_public_functions_act_on_the_model_inside_torch_compile(tmp_path):
+    """torch.compile(model) wraps the model (names prefixed "_orig_mod.", no save_pretrained on the
+    wrapper's type). Converting the wrapper converted it with prefixed names, and save_pretrained then
+    wrote no FP8 state at all. Every public function now works on the model inside."""
+    model = tiny_model()
+    compiled = torch.compile(model, backend="eager")
+    report = hf_fp8.convert_model(compiled, RECIPE)
+    assert sorted(report.converted) == sorted(hf_fp8.convert_model(tiny_model(), RECIPE).converted)
+    assert not any("_orig_mod" in name for name in [*report.converted, *report.skipped])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    hf_fp8.attach(compiled, opt)
+    with pytest.raises(RuntimeError, match="already attached"):
+        hf_fp8.attach(model, opt)  # the same model: a second hook would roll the histories twice
+    for x in structured_batches(2):
+        compiled(input_ids=x, labels=x, use_cache=False).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert set(hf_fp8.fp8_stats(compiled)) == set(hf_fp8.fp8_stats(model)) == set(report.converted)
+    with hf_fp8.collect_fp8_stats(compiled) as stats:
+        x = structured_batches(1)[0]
+        compiled(input_ids=x, labels=x, use_cache=False).loss.backward()
+    assert set(stats.layers) == set(report.converted)
+    assert not any("_orig_mod" in k for k in hub.model_card(compiled).content.split("---")[1].splitlines())
+
+    compiled.save_pretrained(tmp_path)  # the wrapper forwards to the model's FP8-aware save_pretrained
+    assert FP8_FILES <= set(os.listdir(tmp_path))
+    assert load_file(tmp_path / "fp8_state.safetensors").keys() == fp8_state(model).keys()
+    fresh = LlamaForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    fresh_compiled = torch.compile(fresh, backend="eager")
+    hf_fp8.convert_model(fresh_compiled, hub.read_fp8_recipe(tmp_path))
+    assert set(hub.load_fp8_state(fresh_compiled, tmp_path)) == set(fp8_state(model))
+    assert sorted(hf_fp8.revert_model(compiled)) == sorted(report.converted)
+
+
 def test_load_fp8_state_refuses_mismatches(tmp_path):
     model, _ = trained_fp8_model()
     model.save_pretrained(tmp_path / "two")

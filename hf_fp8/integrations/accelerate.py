@@ -48,10 +48,11 @@ optimizers it prepares, so they train (the trap of Accelerate's torchao path, wh
 leaves converted weights out of the optimizer). Other distributed types ignore the option.
 
 Tested (CPU): single process, gradient accumulation, DDP over gloo with 2 processes
-(`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`). Not tested: GPUs (the
-code has no CPU-specific path), FSDP/FSDP2 (conversion happens before sharding; FP8Linear on DTensor
-weights is untested), DeepSpeed and Megatron-LM (their engines own the optimizer step; whether the
-post-hook fires is untested), `torch.compile` through `dynamo_backend`. `prepare` warns for these.
+(`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2`), `torch.compile` through
+`dynamo_backend` (prepare converts first, Accelerate then compiles the converted model). Not tested:
+GPUs (the code has no CPU-specific path), FSDP/FSDP2 (conversion happens before sharding; FP8Linear
+on DTensor weights is untested), DeepSpeed and Megatron-LM (their engines own the optimizer step;
+whether the post-hook fires is untested); `prepare` warns for the last three.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ from torch import nn
 from ..convert import FP8Report, convert_model
 from ..recipe import FP8Recipe
 from ..distributed import ddp_ignore_fp8_buffers, enable_fp8_all_gather
-from ..scaling import attach
+from ..scaling import attach, without_compile_wrapper
 
 ENV_RECIPE = "HF_FP8_RECIPE"
 ENV_AUTO = "HF_FP8_ACCELERATE"
@@ -318,7 +319,7 @@ def _make_prepare_optimizer(original):
 def _unwrap(model: nn.Module) -> nn.Module:
     from accelerate.utils import extract_model_from_parallel
 
-    return extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    return without_compile_wrapper(extract_model_from_parallel(model, keep_fp32_wrapper=False))
 
 
 def _convert(accelerator, model: nn.Module) -> None:
