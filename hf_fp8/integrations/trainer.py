@@ -61,7 +61,7 @@ from ..convert import FP8Report, _set_submodule, convert_model
 from ..hub import FP8_STATE_NAME, load_fp8_state
 from ..linear import FP8Conv1D, FP8Linear
 from ..recipe import FP8Recipe
-from ..scaling import DelayedScale, delayed_scale_states, update_scales
+from ..scaling import DelayedScale, delayed_scale_states, update_scales, without_compile_wrapper
 from ..stability import apply_attention_stability
 from ..stats import FP8StepStats, collect_fp8_stats
 
@@ -77,9 +77,10 @@ class FP8Anomaly(dict):
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / torch.compile wrappers; the Trainer passes its unwrapped `self.model`, but be safe.
+    # DDP / torch.compile wrappers, nested either way; the Trainer passes its unwrapped `self.model`, but be safe.
     while True:
-        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        model = without_compile_wrapper(model)
+        inner = getattr(model, "module", None)
         if not isinstance(inner, nn.Module):
             return model
         model = inner
