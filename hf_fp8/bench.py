@@ -246,24 +246,42 @@ def _profiled_steps(args, model, opt, batches, steps: int):
     return prof
 
 
+def _device_kernels(prof, steps: int) -> list[tuple[float, float, str]]:
+    """Every kernel, copy and fill a profile saw on the device (kernels inside CUDA graphs
+    included): (ms per step, calls per step, name), largest first."""
+    from torch.autograd import DeviceType
+
+    totals: dict[str, tuple[float, int]] = {}
+    for e in prof.events():
+        if e.device_type == DeviceType.CUDA and not e.is_user_annotation:
+            us, calls = totals.get(e.name, (0.0, 0))
+            totals[e.name] = (us + e.self_device_time_total, calls + 1)
+    rows = [(us / 1000 / steps, calls / steps, name) for name, (us, calls) in totals.items()]
+    return sorted(rows, reverse=True)
+
+
 def gpu_busy_ms(args, model, opt, batches, steps: int = 2) -> float:
     """Mean GPU time of `steps` more training steps: every kernel's, copy's and fill's duration
     summed, as the profiler's "Self CUDA time total" (kernels inside CUDA graphs included)."""
-    from torch.autograd import DeviceType
-
     prof = _profiled_steps(args, model, opt, batches, steps)
-    device_us = sum(e.self_device_time_total for e in prof.events() if e.device_type == DeviceType.CUDA and not e.is_user_annotation)
-    return device_us / 1000 / steps
+    return sum(ms for ms, _, _ in _device_kernels(prof, steps))
 
 
-def profile_steps(args, mode, model, opt, batches) -> None:
-    """Kernel time table of 3 training steps, written to <profile dir>/<shape>_<mode>.txt."""
-    prof = _profiled_steps(args, model, opt, batches, 3)
+def profile_steps(args, mode, model, opt, batches, steps: int = 3) -> None:
+    """3 profiled training steps, written to <profile dir>/: <shape>_<mode>.txt, the profiler's
+    table of the 80 largest ops and kernels, and <shape>_<mode>_kernels.tsv, every device kernel
+    with its time and calls per step (the many small kernels the table cuts off add up)."""
+    prof = _profiled_steps(args, model, opt, batches, steps)
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
     sort = "cuda_time_total" if torch.device(args.device).type == "cuda" else "cpu_time_total"
     table = prof.key_averages().table(sort_by=sort, row_limit=80, max_name_column_width=90)
     (out / f"{args.shape}_{mode}.txt").write_text(table)
+    kernels = _device_kernels(prof, steps)
+    lines = [f"# {args.shape} {mode}: device kernels over {steps} profiled steps, "
+             f"{sum(ms for ms, _, _ in kernels):.3f} ms per step in all", "ms_per_step\tcalls_per_step\tkernel"]  # fmt: skip
+    lines += [f"{ms:.4f}\t{calls:g}\t{name}" for ms, calls, name in kernels]
+    (out / f"{args.shape}_{mode}_kernels.tsv").write_text("\n".join(lines) + "\n")
 
 
 def _inductor_options(text: str) -> dict:

@@ -345,6 +345,10 @@ def test_bench_profile_writes_a_kernel_table_per_mode(tmp_path):
     for mode in ("bf16", "hf_fp8"):
         table = (tmp_path / "prof" / f"tiny_{mode}.txt").read_text()
         assert "Optimizer.step" in table and "CPU total" in table, mode
+        kernels = (tmp_path / "prof" / f"tiny_{mode}_kernels.tsv").read_text().splitlines()
+        assert kernels[:2] == [f"# tiny {mode}: device kernels over 3 profiled steps, 0.000 ms per step in all",
+                               "ms_per_step\tcalls_per_step\tkernel"], kernels  # fmt: skip
+        assert len(kernels) == 2  # a CPU run: no device kernels
 
 
 def test_bench_profiles_only_after_every_mode_is_timed(tmp_path, monkeypatch):
@@ -361,7 +365,7 @@ def test_bench_profiles_only_after_every_mode_is_timed(tmp_path, monkeypatch):
           "--batch-size", "2", "--warmup", "1", "--steps", "2", "--quiet", "--profile", str(tmp_path / "prof")])  # fmt: skip
     timed = 3 * (1 + 2)
     assert events[:timed] == ["step"] * timed and events.count("profile") == 3, events
-    assert sorted(p.name for p in (tmp_path / "prof").iterdir()) == [f"tiny_{m}.txt" for m in ("bf16", "hf_fp8", "hf_fp8_attn")]
+    assert sorted(p.name for p in (tmp_path / "prof").glob("*.txt")) == [f"tiny_{m}.txt" for m in ("bf16", "hf_fp8", "hf_fp8_attn")]
 
 
 def test_bench_gpu_time_needs_cuda(capsys):
@@ -385,13 +389,19 @@ def test_bench_on_cuda_reports_gpu_time_within_the_step(tmp_path, graphs):
     is positive and no more than the step's wall time (one stream: kernels do not overlap)."""
     out = tmp_path / "bench.json"
     main(["bench", "--shape", "tiny", "--modes", "bf16,hf_fp8,hf_fp8_attn", "--warmup", "3", "--steps", "3",
-          "--seq-len", "256", "--batch-size", "4", "--micro-batches", "2", "--quiet", "--gpu-time", "--out", str(out), *graphs])
+          "--seq-len", "256", "--batch-size", "4", "--micro-batches", "2", "--quiet", "--gpu-time", "--out", str(out),
+          "--profile", str(tmp_path / "prof"), *graphs])  # fmt: skip
     tiny = json.loads(out.read_text())["tiny"]
     assert tiny.get("cuda_graphs", False) == bool(graphs)
     for mode in ("bf16", "hf_fp8", "hf_fp8_attn"):
         r = tiny[mode]
         assert math.isfinite(r["loss"]), (mode, r)
         assert 0 < r["gpu_busy_ms"] <= 1.05 * r["step_ms_median"], (mode, r)
+        # --profile's full kernel list: its per-step total is the GPU time of other profiled steps.
+        header, _, *rows = (tmp_path / "prof" / f"tiny_{mode}_kernels.tsv").read_text().splitlines()
+        per_step = [float(row.split("\t")[0]) for row in rows]
+        assert all(ms > 0 for ms in per_step) and per_step == sorted(per_step, reverse=True), (mode, rows)
+        assert sum(per_step) == pytest.approx(r["gpu_busy_ms"], rel=0.25), (mode, header)
 
 
 def test_bench_fog_shape_is_the_recipe_file():
