@@ -149,14 +149,15 @@ def transpose_bytes(y: torch.Tensor, y_t: torch.Tensor) -> None:
 
 @torch.library.custom_op("hf_fp8::transpose_fp8", mutates_args=())
 def transpose_fp8(y: torch.Tensor) -> torch.Tensor:
-    """y.T as a new row-major tensor, for a 2D row-major FP8 tensor: the transposed copy of a kept
-    FP8 input that the grad-weight GEMM reads. A custom op, so torch.compile neither fuses the
-    transposed store into the kernel that produces y nor repeats it per consumer: as a plain
-    transpose, inductor recomputed the q/k/v input's RMSNorm in backward and stored the copy three
-    times from the norm's backward kernel, and with 4096-token batches that kernel is a mix-order
-    reduction (one token row per iteration), so each transposed store went out one byte per row
-    (H200, 1.5B shape: 0.37 ms per layer, ~10% of the step). On CUDA with Triton: one tiled
-    kernel; elsewhere aten's copy (the same bytes)."""
+    """y.T as a new row-major tensor, for a 2D row-major FP8 tensor: the transposed copy of an FP8
+    input or grad-output that the grad-weight GEMM reads (hf_fp8.linear, from
+    _TRANSPOSE_OP_MIN_TOKENS tokens). A custom op, so torch.compile neither fuses the transposed
+    store into the kernel that produces y nor repeats it per consumer. Fused, inductor stores it from
+    a row-wise reduction kernel one byte per token row: the q/k/v input's copy was recomputed in
+    backward and stored three times from the RMSNorm-backward kernel (H200, 1.5B shape, 4096-token
+    batches: 0.37 ms per layer, ~10% of the step), and the SwiGLU backward storing three copies (the
+    down projection's input, recomputed, and the gate/up grad-outputs) took 1.37 ms per layer at the
+    8B slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one tiled kernel; elsewhere aten's copy (the same bytes)."""
     y_t = torch.empty(y.shape[1], y.shape[0], dtype=y.dtype, device=y.device)
     if y.is_cuda and y.numel() and triton_fp8_unavailable(_index(y.device)) is None:
         transpose_bytes(y.contiguous(), y_t)

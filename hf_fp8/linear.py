@@ -6,9 +6,10 @@
 Each operand is cast once with its delayed scale (hf_fp8.scaling, hf_fp8.cast); the GEMMs are
 `torch._scaled_mm` with the inverse scales the scaling state keeps, fed each operand in the layout it reads
 (the weight-gradient GEMM takes x and the grad-output transposed). In eager CUDA mode the Triton
-cast writes those transposed copies in the same pass; elsewhere backward transposes the FP8 copies
-kept from forward (torch.compile fuses that, and may re-cast instead of keeping). What autograd keeps
-of x and w is FP8 (half the bytes of BF16). Bias stays high precision.
+cast writes those transposed copies in the same pass; elsewhere they are transposes of the FP8
+tensors (under torch.compile from 4096-token batches by hf_fp8's own op, see
+_TRANSPOSE_OP_MIN_TOKENS). What autograd keeps of x and w is FP8 (half the bytes of BF16). Bias
+stays high precision.
 """
 
 from __future__ import annotations
@@ -100,15 +101,15 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Batches (in tokens) whose shared FP8 inputs (q/k/v, gate/up) are transposed for backward by the
-# opaque cast.transpose_fp8 rather than by a transpose inductor fuses into the norm's backward. From
-# 4096 rows inductor (torch 2.11-2.13) may make that backward a mix-order reduction, which stores
-# fused transposed copies one byte per row (see transpose_fp8). Measured on the H200 at the 1.5B shape
-# (RESULTS (30)): 4 x 4096-token micro-batches with CUDA graphs 231 -> 213 ms per step; 2 x 8192 with
-# graphs 186 -> 190 ms and one 16k-token batch 172 -> 174 ms, where inductor's own kernel is faster.
-# [first, end) in tokens; compared with <, not `in range(...)`, which scans a symbolic size one value
-# at a time under torch.compile's dynamic shapes.
-_TRANSPOSE_ONCE_TOKENS = (4096, 8192)
+# From this many tokens per batch, the FP8 copies that the grad-weight GEMM reads transposed (every
+# linear's input, every grad-output) are made by the opaque cast.transpose_fp8 rather than by a
+# transposed store that inductor fuses into the kernel producing the FP8 tensor. Inductor writes such
+# a store from a row-wise reduction kernel (the amax, the RMSNorm backward, which from 4096 rows it
+# may also make a mix-order reduction), one byte per token row, at a fraction of the bandwidth; a
+# tiled byte copy afterwards costs less than the difference. Measured on the H200 (RESULTS (30),
+# (31)): 1.5B shape, 4 x 4096-token micro-batches with CUDA graphs 231 -> 213 ms per step with the
+# shared inputs alone; 8B slice, 16k tokens, with every copy: the cast kernels 24.5 -> 22.5 ms per step.
+_TRANSPOSE_OP_MIN_TOKENS = 4096
 
 
 class _FP8GEMMs(torch.autograd.Function):
@@ -127,14 +128,15 @@ class _FP8GEMMs(torch.autograd.Function):
     with the cast (x8_t, w8_kn given, kept for backward; x8 and w8_nk are freed after forward). Else
     (x8_t / w8_kn None) backward transposes the kept x8 / w8_nk. Under torch.compile inductor fuses
     that copy, and its partitioner may re-cast in backward instead of keeping an FP8 copy (it does
-    for the weights: the BF16 parameter is kept anyway). With transpose_once, siblings sharing one
-    input cast (q/k/v, gate/up) transpose it with cast.transpose_fp8, which torch.compile makes once
-    for all of them (see _TRANSPOSE_ONCE_TOKENS for when)."""
+    for the weights: the BF16 parameter is kept anyway). With transpose_op (batches of
+    _TRANSPOSE_OP_MIN_TOKENS or more) the transposed copies of x8 and go8 come from
+    cast.transpose_fp8 instead, an opaque op, which torch.compile also makes once for siblings
+    sharing one input cast (q/k/v, gate/up)."""
 
     @staticmethod
     def forward(ctx, x, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state: DelayedScale, linear_layout: bool,
-                transpose_once: bool):  # fmt: skip
-        ctx.state, ctx.linear_layout, ctx.transpose_once = state, linear_layout, transpose_once
+                transpose_op: bool):  # fmt: skip
+        ctx.state, ctx.linear_layout, ctx.transpose_op = state, linear_layout, transpose_op
         ctx.x_transposed, ctx.w_transposed = x8_t is not None, w8_kn is not None
         # Keep only what backward reads: x for the grad-weight GEMM, w for the grad-input GEMM (a
         # frozen LoRA base layer keeps no copy of its input).
@@ -147,10 +149,17 @@ class _FP8GEMMs(torch.autograd.Function):
     def backward(ctx, grad_out):
         x_kept, x_inv, w_kept, w_inv = ctx.saved_tensors
         need_x, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        # Frozen weight (LoRA base layers): no transposed grad-output and no grad-weight GEMM.
+        # Frozen weight (LoRA base layers): no transposed grad-output and no grad-weight GEMM. The
+        # transposed copy comes from the cast's own pass when the Triton cast runs or transpose_op is
+        # off, else from transpose_fp8 (see _TRANSPOSE_OP_MIN_TOKENS).
+        grad_out = grad_out.contiguous()
+        fused = _fused_cast(grad_out, ctx.state)
+        go_t_in_cast = need_w and (fused or not ctx.transpose_op)
         go8, go8_t, go_inv, go_amax = _cast_delayed(
-            grad_out.contiguous(), ctx.state, _GRAD_OUTPUT, transposed=need_w, record_in=(ctx.state,)
+            grad_out, ctx.state, _GRAD_OUTPUT, go_t_in_cast, fused, record_in=(ctx.state,)
         )
+        if need_w and go8_t is None:
+            go8_t = transpose_fp8(go8)
         if go_amax is not None:
             record_amax(ctx.state, _GRAD_OUTPUT, go_amax)
         grad_x = grad_weight_t = None
@@ -160,7 +169,7 @@ class _FP8GEMMs(torch.autograd.Function):
         if need_w:
             if ctx.x_transposed:
                 x8_t = x_kept
-            elif ctx.transpose_once:  # one copy for all siblings, see transpose_fp8
+            elif ctx.transpose_op:  # one copy for all siblings, see transpose_fp8
                 x8_t = transpose_fp8(x_kept)
             else:
                 x8_t = x_kept.t().contiguous()
@@ -221,9 +230,8 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
                 record_amaxes(state, amaxes)
             if shared is not None and x_amax is not None:
                 record_amax(shared, _INPUT, x_amax)
-        first, end = _TRANSPOSE_ONCE_TOKENS
-        transpose_once = shared is not None and first <= x2d.shape[0] < end
-        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, transpose_once)
+        transpose_op = x2d.shape[0] >= _TRANSPOSE_OP_MIN_TOKENS
+        out = _FP8GEMMs.apply(x2d, weight_t, x8, x8_t, x_inv, w8_nk, w8_kn, w_inv, state, linear_layout, transpose_op)
     return out.reshape(*shape[:-1], out.shape[-1])
 
 
