@@ -37,10 +37,10 @@ no pickle load anywhere in hf_fp8).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
-import types
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -118,9 +118,11 @@ def install_save_hooks(model: nn.Module, report=None) -> None:
     _refresh_ignore_list(model)
     if model.__dict__.get(_WRAPPED):
         return
-    model.__dict__["save_pretrained"] = types.MethodType(_save_pretrained, model)
+    # Partials of module-level functions, not bound methods: pickle (torch.save of a whole model,
+    # multiprocessing) can rebuild them, and deepcopy rebinds them to the copy.
+    model.__dict__["save_pretrained"] = functools.partial(_save_pretrained, model)
     if callable(getattr(type(model), "push_to_hub", None)):
-        model.__dict__["push_to_hub"] = types.MethodType(_push_to_hub, model)
+        model.__dict__["push_to_hub"] = functools.partial(_push_to_hub, model)
     model.__dict__[_WRAPPED] = True
 
 

@@ -109,7 +109,24 @@ def test_save_pretrained_writes_original_keys_and_fp8_state(tmp_path):
     before = list(model._keys_to_ignore_on_save)
     hf_fp8.convert_model(model, RECIPE)
     assert model._keys_to_ignore_on_save == before
-    assert model.__dict__["save_pretrained"].__func__ is hub._save_pretrained
+    assert model.__dict__["save_pretrained"].func is hub._save_pretrained
+
+
+def test_converted_model_survives_deepcopy_and_pickle(tmp_path):
+    """A converted model's FP8-aware save_pretrained is bound to the model it belongs to after
+    copy.deepcopy and after a pickle round trip (torch.save(model), multiprocessing). It was a bound
+    method in the model's __dict__, which pickle cannot rebuild (AttributeError: no attribute
+    '_save_pretrained'); now a partial of the module-level function. (In memory only: hf_fp8's own
+    checkpoints are safetensors.)"""
+    import pickle
+
+    model = tiny_model()
+    hf_fp8.convert_model(model, RECIPE)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.save_pretrained.args[0] is other and other.push_to_hub.args[0] is other
+        other.save_pretrained(tmp_path)
+        state = load_file(tmp_path / "fp8_state.safetensors")
+        assert all(torch.equal(state[k], v) for k, v in fp8_state(other).items())
 
 
 def test_existing_keys_to_ignore_on_save_are_kept(tmp_path):
