@@ -157,7 +157,8 @@ def transpose_fp8(y: torch.Tensor) -> torch.Tensor:
     backward and stored three times from the RMSNorm-backward kernel (H200, 1.5B shape, 4096-token
     batches: 0.37 ms per layer, ~10% of the step), and the SwiGLU backward storing three copies (the
     down projection's input, recomputed, and the gate/up grad-outputs) took 1.37 ms per layer at the
-    8B slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one tiled kernel; elsewhere aten's copy (the same bytes)."""
+    8B slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one
+    tiled kernel; elsewhere aten's copy (the same bytes)."""
     y_t = torch.empty(y.shape[1], y.shape[0], dtype=y.dtype, device=y.device)
     if y.is_cuda and y.numel() and triton_fp8_unavailable(_index(y.device)) is None:
         transpose_bytes(y.contiguous(), y_t)

@@ -108,7 +108,8 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
 # may also make a mix-order reduction), one byte per token row, at a fraction of the bandwidth; a
 # tiled byte copy afterwards costs less than the difference. Measured on the H200 (RESULTS (30),
 # (31)): 1.5B shape, 4 x 4096-token micro-batches with CUDA graphs 231 -> 213 ms per step with the
-# shared inputs alone; 8B slice, 16k tokens, with every copy: the cast kernels 24.5 -> 22.5 ms per step.
+# shared inputs' copies by the op, 204 with every copy (2 x 8192: 186 either way); 8B slice, 16k
+# tokens: the cast kernels 24.5 -> 22.5 ms per step.
 _TRANSPOSE_OP_MIN_TOKENS = 4096
 
 
