@@ -53,3 +53,42 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, device_type
 def final_loss(losses: list[float]) -> float:
     """Mean of the last 5 steps: single steps are noisy."""
     return sum(losses[-5:]) / 5
+
+
+_BUILD_FOR_HOPPER = """
+import importlib, json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+for module, name, signature, constexprs in json.loads(sys.argv[1]):
+    kernel = getattr(importlib.import_module(module), name)
+    try:
+        compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs),
+                                  target=GPUTarget("cuda", 90, 32))
+    except FileNotFoundError as e:  # a Triton build without its CUDA toolchain (ptxas)
+        print("no CUDA toolchain:", e)
+        sys.exit(3)
+    assert compiled.asm["cubin"], name
+"""
+
+
+def build_for_hopper(kernels: list[tuple[str, str, dict, dict]]) -> None:
+    """Build Triton kernels to sm_90 cubins with the installed Triton and its bundled ptxas, without a
+    GPU, so a syntax or typing error in a kernel fails CI rather than the GPU machine. kernels:
+    (module, kernel name, signature {arg: "*bf16" | "i32" | "constexpr" ...}, constexprs {arg: value}).
+    In a process of its own: the tests' Triton runs as the interpreter (conftest.py), which cannot
+    compile. Skips the calling test when Triton or its CUDA toolchain is missing; fails on a build error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
+    done = subprocess.run([sys.executable, "-c", _BUILD_FOR_HOPPER, json.dumps(kernels)], env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    if done.returncode == 3:
+        pytest.skip(f"Triton cannot build CUDA code here: {done.stdout.strip()}")
+    assert done.returncode == 0, done.stderr[-3000:]

@@ -284,3 +284,20 @@ def test_triton_cast_of_attention_layouts_equals_reference_bitwise(fp8):
     ref = cast.cast_fp8_reference(q.contiguous(), scale, fp8, False)[0]
     assert y.stride() == q.stride() and torch.equal(bits(y.contiguous()), bits(ref))
     assert amax.item() == amax_of(q).item()
+
+
+def test_kernels_compile_for_hopper():
+    """The cast (BF16 and FP32 inputs, to E4M3 and E5M2, one or both layouts, one or two amaxes) and the
+    byte transpose build to sm_90 cubins on the CPU (see helpers.build_for_hopper)."""
+    from helpers import build_for_hopper
+
+    tiles = {"BLOCK_M": 64, "BLOCK_N": 64}
+    kernels = []
+    for x, y, transposed, two in (("*bf16", "*fp8e4nv", True, False), ("*fp32", "*fp8e5", False, True)):
+        signature = {"x_ptr": x, "y_ptr": y, "y_t_ptr": y, "scale_ptr": "*fp32", "amax_bits_ptr": "*i32",
+                     "amax_bits_ptr2": "*i32", "rows": "i32", "cols": "i32", "fp8_max": "fp32", "TRANSPOSED": "constexpr",
+                     "TWO_AMAXES": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}  # fmt: skip
+        kernels.append(("hf_fp8._cast_triton", "cast_fp8_kernel", signature, {"TRANSPOSED": transposed, "TWO_AMAXES": two, **tiles}))
+    transpose = {"y_ptr": "*u8", "y_t_ptr": "*u8", "rows": "i32", "cols": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
+    kernels.append(("hf_fp8._cast_triton", "transpose_bytes_kernel", transpose, tiles))
+    build_for_hopper(kernels)
