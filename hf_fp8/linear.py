@@ -170,7 +170,7 @@ class _FP8GEMMs(torch.autograd.Function):
         if need_w:
             if ctx.x_transposed:
                 x8_t = x_kept
-            elif ctx.transpose_op:  # one copy for all siblings, see transpose_fp8
+            elif ctx.transpose_op:  # the opaque copy (made once for siblings sharing the input), see transpose_fp8
                 x8_t = transpose_fp8(x_kept)
             else:
                 x8_t = x_kept.t().contiguous()
