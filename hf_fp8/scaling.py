@@ -14,6 +14,7 @@ from __future__ import annotations
 import itertools
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -286,8 +287,12 @@ def update_scales(model: nn.Module) -> None:
         _update_scales(without_compile_wrapper(model), require_recorded=True)
 
 
-# Attribute of the model holding the device-side check of the last update, read at the next one.
-_DEFERRED_CHECK = "_hf_fp8_deferred_check"
+# Per model, what an update left for the next one to read (keys below): the async host copies of its
+# checks and of which states were initialized, each with the CUDA event that marks the copy done. Kept
+# beside the model, not in it: a CUDA event can be neither deep-copied nor pickled, and a copy of the
+# model (an EMA twin, `torch.save(model)`) has no pending copies of its own, so it starts over.
+_deferred: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+_DEFERRED_CHECK = "check"  # the device-side check of the last update, read at the next one
 
 
 def _update_scales(model: nn.Module, require_recorded: bool) -> None:
@@ -321,8 +326,7 @@ def _update_scales(model: nn.Module, require_recorded: bool) -> None:
     _note_initialized(model, modules)
 
 
-# Attribute of the model holding the async host copy of which states were fully initialized.
-_DEFERRED_INITIALIZED = "_hf_fp8_deferred_initialized"
+_DEFERRED_INITIALIZED = "initialized"  # the async host copy of which states were fully initialized
 
 
 def _note_initialized(model: nn.Module, modules: list[DelayedScale]) -> None:
@@ -330,7 +334,7 @@ def _note_initialized(model: nn.Module, modules: list[DelayedScale]) -> None:
     once on CPU; on CUDA from an async copy read at the next update (no host sync in the step). A
     step without any forward, or a module no step has used yet, leaves it False, so their first
     casts still scale from their own amax."""
-    previous = model.__dict__.pop(_DEFERRED_INITIALIZED, None)
+    previous = _deferred.setdefault(model, {}).pop(_DEFERRED_INITIALIZED, None)
     if previous is not None:
         done, prev_modules, flags = previous
         done.synchronize()  # recorded one optimizer step ago: long done, no stall
@@ -347,7 +351,7 @@ def _note_initialized(model: nn.Module, modules: list[DelayedScale]) -> None:
     done = torch.cuda.Event()
     flags = flags.to("cpu", non_blocking=True)
     done.record()
-    model.__dict__[_DEFERRED_INITIALIZED] = (done, pending, flags)
+    _deferred[model][_DEFERRED_INITIALIZED] = (done, pending, flags)
 
 
 def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:
@@ -399,10 +403,11 @@ def _check(model: nn.Module, states, recorded, nonfinite, require_recorded: bool
     policy = next(p for p in ("raise", "warn", "skip") if p in policies)
     names = [f"{name}:{role}" for name, m in states for role in m.roles]
     flags = torch.stack([recorded.any(), nonfinite.any()])
-    previous = getattr(model, _DEFERRED_CHECK, None)
+    deferred = _deferred.setdefault(model, {})
+    previous = deferred.get(_DEFERRED_CHECK)
     if recorded.device.type != "cuda" or policy == "raise" or previous is None:
         # At once: CPU tensors (no sync to avoid), "raise" (must stop this step), the first call.
-        model.__dict__[_DEFERRED_CHECK] = False  # marks "first call done"
+        deferred[_DEFERRED_CHECK] = False  # marks "first call done"
         _report(_Check(flags.cpu(), nonfinite.cpu(), names, policy, require_recorded))
         return
     if previous:
@@ -417,7 +422,7 @@ def _check(model: nn.Module, states, recorded, nonfinite, require_recorded: bool
         torch.cuda.Event(),
     )
     check.ready.record()
-    model.__dict__[_DEFERRED_CHECK] = check
+    deferred[_DEFERRED_CHECK] = check
 
 
 def _report(check: _Check, late: bool = False) -> None:

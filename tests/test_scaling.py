@@ -420,6 +420,31 @@ def test_cuda_steady_state_is_known_one_update_late_without_sync():
         assert layer.fp8_scale.updated_on_host is expected
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the pending async copies exist on CUDA only (run on the GPU machine)")
+def test_cuda_model_can_be_deep_copied_and_pickled_between_updates():
+    """After CUDA updates a model has async host copies (and their CUDA events) pending for the next
+    update; a deep copy (an EMA twin) or torch.save(model) must still work (it raised "cannot pickle
+    'Event' object"), and the copy goes on training exactly as the original does."""
+    import copy
+    import io
+
+    torch.manual_seed(0)
+    layer = hf_fp8.FP8Linear(32, 16, device="cuda")
+    inputs = [torch.randn(16, 32, device="cuda") for _ in range(4)]
+    for x in inputs[:2]:
+        layer(x.requires_grad_()).sum().backward()
+        hf_fp8.update_scales(layer)
+    twin = copy.deepcopy(layer)
+    torch.save(layer, io.BytesIO())
+    for x in inputs[2:]:
+        for module in (layer, twin):
+            module(x.detach().requires_grad_()).sum().backward()
+            hf_fp8.update_scales(module)
+    for name, value in layer.fp8_scale.state_dict().items():
+        assert torch.equal(value, twin.fp8_scale.state_dict()[name]), name
+    assert twin.fp8_scale.updated_on_host
+
+
 def test_amax_of_is_the_exact_max_for_any_rank_layout_and_propagates_nan():
     """amax_of reduces per row and then over rows (so torch.compile fuses it with the cast); the
     result must be exactly max|x| for every rank and layout, and NaN anywhere must give NaN."""
