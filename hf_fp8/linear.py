@@ -71,8 +71,10 @@ def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
 def _cpu_fp8_gemm_context(t: torch.Tensor):
     """On CPU, torch sends E4M3 x E4M3 `_scaled_mm` to oneDNN, which has no native FP8 on most
     CPUs and runs ~50x slower than torch's own kernel (identical results); switch oneDNN off for
-    the FP8 GEMMs only, so the user's BF16 ops keep it. (Not `mkldnn.flags()`: it warns on each use.)"""
-    if t.device.type != "cpu" or not torch.backends.mkldnn.enabled:
+    the FP8 GEMMs only, so the user's BF16 ops keep it. (Not `mkldnn.flags()`: it warns on each use.)
+    Not while torch.compile traces: dynamo cannot keep a switch of global state inside the graph
+    (torch 2.11 refuses it in a backward: "HOP: Unsafe side effect"), so compiled CPU code keeps oneDNN."""
+    if t.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.enabled:
         yield
         return
     torch.backends.mkldnn.enabled = False

@@ -205,15 +205,15 @@ def graph_keeping_backend(graphs: dict):
                         partition_fn=min_cut_rematerialization_partition, keep_inference_input_mutations=True)  # fmt: skip
 
 
-def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_update_per_pass():
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_steady_state_step_computes_no_scale_reciprocal_and_one_amax_update_per_pass(device):
     """Under torch.compile every extra op of the scaling bookkeeping becomes a kernel launch of its
     own (host time that small micro-batches cannot hide). Once the delayed scales are known, the
     forward and backward graphs of an FP8Linear must take the GEMMs' inverse scales from the state
     (no reciprocal: there were two per GEMM) and update the pending amaxes with one copy per pass
-    (the forward had one per recorded role)."""
+    (the forward had one per recorded role). On the CPU with torch 2.11 (the GPU machine's) this
+    fullgraph compile used to fail at the FP8 GEMMs' oneDNN switch ("HOP: Unsafe side effect")."""
     graphs = {}
-    # On the GPU machine: CUDA (torch 2.11's dynamo breaks the CPU graph at the oneDNN switch).
-    device = DEVICES[-1]
     torch.manual_seed(0)
     layer = hf_fp8.FP8Linear(64, 32, recipe=hf_fp8.FP8Recipe(), device=device, dtype=torch.bfloat16)
     x = torch.randn(16, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
@@ -267,7 +267,7 @@ def test_compiled_llama_layer_makes_transposed_fp8_copies_with_the_op_from_the_t
     import transformers
     monkeypatch.setattr(hf_fp8.linear, "_TRANSPOSE_OP_MIN_TOKENS", min_tokens)
     graphs = {}
-    device = DEVICES[-1]  # as above: torch 2.11's dynamo breaks the CPU graph
+    device = DEVICES[-1]
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=128)  # fmt: skip
     torch.manual_seed(0)
