@@ -137,14 +137,21 @@ def cast_fp8_fused(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, tra
     return y, y_t, (None if record_into else targets[0].view(torch.float32))
 
 
+# Tile of the byte transpose: 64 source rows x 128 columns. On the H200 (RESULTS (32), 16384-row
+# tensors of 1024-14336 columns) 12-15% faster than 64 x 64, within 3% of the best tile of each shape.
+_TRANSPOSE_BLOCK_M, _TRANSPOSE_BLOCK_N = 64, 128
+
+
 def transpose_bytes(y: torch.Tensor, y_t: torch.Tensor) -> None:
     """y_t = y.T for a 2D row-major CUDA tensor of 1-byte elements (FP8) into row-major y_t, with one
     tiled Triton kernel (aten's transposing copy of 1-byte data is several times slower)."""
     from ._cast_triton import transpose_bytes_kernel
 
     rows, cols = y.shape
-    grid = (_cdiv(rows, _BLOCK), _cdiv(cols, _BLOCK))
-    transpose_bytes_kernel[grid](y.view(torch.uint8), y_t.view(torch.uint8), rows, cols, BLOCK_M=_BLOCK, BLOCK_N=_BLOCK)
+    grid = (_cdiv(rows, _TRANSPOSE_BLOCK_M), _cdiv(cols, _TRANSPOSE_BLOCK_N))
+    transpose_bytes_kernel[grid](
+        y.view(torch.uint8), y_t.view(torch.uint8), rows, cols, BLOCK_M=_TRANSPOSE_BLOCK_M, BLOCK_N=_TRANSPOSE_BLOCK_N
+    )
 
 
 @torch.library.custom_op("hf_fp8::transpose_fp8", mutates_args=())

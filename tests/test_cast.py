@@ -291,7 +291,9 @@ def test_kernels_compile_for_hopper():
     byte transpose build to sm_90 cubins on the CPU (see helpers.build_for_hopper)."""
     from helpers import build_for_hopper
 
-    tiles = {"BLOCK_M": 64, "BLOCK_N": 64}
+    from hf_fp8.cast import _BLOCK, _TRANSPOSE_BLOCK_M, _TRANSPOSE_BLOCK_N
+
+    tiles = {"BLOCK_M": _BLOCK, "BLOCK_N": _BLOCK}
     kernels = []
     for x, y, transposed, two in (("*bf16", "*fp8e4nv", True, False), ("*fp32", "*fp8e5", False, True)):
         signature = {"x_ptr": x, "y_ptr": y, "y_t_ptr": y, "scale_ptr": "*fp32", "amax_bits_ptr": "*i32",
@@ -299,5 +301,5 @@ def test_kernels_compile_for_hopper():
                      "TWO_AMAXES": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}  # fmt: skip
         kernels.append(("hf_fp8._cast_triton", "cast_fp8_kernel", signature, {"TRANSPOSED": transposed, "TWO_AMAXES": two, **tiles}))
     transpose = {"y_ptr": "*u8", "y_t_ptr": "*u8", "rows": "i32", "cols": "i32", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
-    kernels.append(("hf_fp8._cast_triton", "transpose_bytes_kernel", transpose, tiles))
+    kernels.append(("hf_fp8._cast_triton", "transpose_bytes_kernel", transpose, {"BLOCK_M": _TRANSPOSE_BLOCK_M, "BLOCK_N": _TRANSPOSE_BLOCK_N}))
     build_for_hopper(kernels)
