@@ -72,9 +72,8 @@ def _cpu_fp8_gemm_context(t: torch.Tensor):
     """On CPU, torch sends E4M3 x E4M3 `_scaled_mm` to oneDNN, which has no native FP8 on most
     CPUs and runs ~50x slower than torch's own kernel (identical results); switch oneDNN off for
     the FP8 GEMMs only, so the user's BF16 ops keep it. (Not `mkldnn.flags()`: it warns on each use.)
-    Not while torch.compile traces: dynamo cannot keep a switch of global state inside the graph
-    (torch 2.11 refuses it in a backward: "HOP: Unsafe side effect"), so compiled CPU code keeps oneDNN."""
-    if t.device.type != "cpu" or torch.compiler.is_compiling() or not torch.backends.mkldnn.enabled:
+    Under torch.compile see scaled_mm_without_onednn."""
+    if t.device.type != "cpu" or not torch.backends.mkldnn.enabled:
         yield
         return
     torch.backends.mkldnn.enabled = False
@@ -84,11 +83,29 @@ def _cpu_fp8_gemm_context(t: torch.Tensor):
         torch.backends.mkldnn.enabled = True
 
 
+@torch.library.custom_op("hf_fp8::scaled_mm_without_onednn", mutates_args=())
+def scaled_mm_without_onednn(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                             out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:  # fmt: skip
+    """torch._scaled_mm on the CPU with oneDNN switched off around it (_cpu_fp8_gemm_context), as one
+    op that torch.compile does not trace into. Traced, the switch of global state cannot stay in the
+    graph: torch 2.13 moves it out (the compiled GEMM ran in oneDNN, ~350 ms for a 4096 x 64 x 128
+    GEMM, against 2 ms), torch 2.11 refuses it in a backward ("HOP: Unsafe side effect")."""
+    with _cpu_fp8_gemm_context(a):
+        return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+
+
+@scaled_mm_without_onednn.register_fake
+def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
+    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+
+
 def _gemm(a, a_inv, b, b_inv, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:
     """a (M, K) @ b (K, N) in FP8 -> out_dtype. a row-major and b column-major (both K-major, what
     torch._scaled_mm takes); a_inv / b_inv are inverse scales (value = data * inv), FP32 scalars.
     The same call as torchao's tensorwise GEMM (addmm_float8_unwrapped), which takes the scales and
     computes their reciprocals on every call instead."""
+    if a.device.type == "cpu" and torch.compiler.is_compiling():
+        return scaled_mm_without_onednn(a, b, a_inv, b_inv, out_dtype, fast_accum)
     with _cpu_fp8_gemm_context(a):
         return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
