@@ -14,8 +14,6 @@ stays high precision.
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
@@ -67,31 +65,22 @@ def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
     return source.updated_on_host and fused_cast_applies(x)
 
 
-@contextlib.contextmanager
-def _cpu_fp8_gemm_context(t: torch.Tensor):
-    """On CPU, torch sends E4M3 x E4M3 `_scaled_mm` to oneDNN, which has no native FP8 on most
-    CPUs and runs ~50x slower than torch's own kernel (identical results); switch oneDNN off for
-    the FP8 GEMMs only, so the user's BF16 ops keep it. (Not `mkldnn.flags()`: it warns on each use.)
-    Under torch.compile see scaled_mm_without_onednn."""
-    if t.device.type != "cpu" or not torch.backends.mkldnn.enabled:
-        yield
-        return
-    torch.backends.mkldnn.enabled = False
-    try:
-        yield
-    finally:
-        torch.backends.mkldnn.enabled = True
-
-
 @torch.library.custom_op("hf_fp8::scaled_mm_without_onednn", mutates_args=())
 def scaled_mm_without_onednn(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
                              out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:  # fmt: skip
-    """torch._scaled_mm on the CPU with oneDNN switched off around it (_cpu_fp8_gemm_context), as one
-    op that torch.compile does not trace into. Traced, the switch of global state cannot stay in the
-    graph: torch 2.13 moves it out (the compiled GEMM ran in oneDNN, ~350 ms for a 4096 x 64 x 128
-    GEMM, against 2 ms), torch 2.11 refuses it in a backward ("HOP: Unsafe side effect")."""
-    with _cpu_fp8_gemm_context(a):
+    """torch._scaled_mm on the CPU with oneDNN switched off around it. torch sends E4M3 x E4M3
+    `_scaled_mm` to oneDNN, which has no native FP8 on most CPUs and runs ~50x slower than torch's
+    own kernel (identical results); the switch covers the FP8 GEMMs only, so the user's BF16 ops keep
+    oneDNN. (Not `mkldnn.flags()`: it warns on each use.) An op, so that torch.compile does not trace
+    into it: traced, a switch of global state cannot stay in the graph (torch 2.13 moves it out, and
+    the compiled GEMM ran in oneDNN, ~350 ms for 4096 x 64 x 128 against 2 ms; torch 2.11 refuses it
+    in a backward: "HOP: Unsafe side effect")."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
         return torch._scaled_mm(a, b, scale_a=scale_a, scale_b=scale_b, out_dtype=out_dtype, use_fast_accum=use_fast_accum)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
 
 
 @scaled_mm_without_onednn.register_fake
@@ -104,10 +93,9 @@ def _gemm(a, a_inv, b, b_inv, out_dtype: torch.dtype, fast_accum: bool) -> torch
     torch._scaled_mm takes); a_inv / b_inv are inverse scales (value = data * inv), FP32 scalars.
     The same call as torchao's tensorwise GEMM (addmm_float8_unwrapped), which takes the scales and
     computes their reciprocals on every call instead."""
-    if a.device.type == "cpu" and torch.compiler.is_compiling():
+    if a.device.type == "cpu":
         return scaled_mm_without_onednn(a, b, a_inv, b_inv, out_dtype, fast_accum)
-    with _cpu_fp8_gemm_context(a):
-        return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
+    return torch._scaled_mm(a, b, scale_a=a_inv, scale_b=b_inv, out_dtype=out_dtype, use_fast_accum=fast_accum)
 
 
 def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
