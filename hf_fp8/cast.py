@@ -25,6 +25,7 @@ import os
 import torch
 from torch import nn
 
+from ._ops import define_op
 from ._torchao import to_fp8_saturated
 from .scaling import memory_order
 
@@ -154,18 +155,17 @@ def transpose_bytes(y: torch.Tensor, y_t: torch.Tensor) -> None:
     )
 
 
-@torch.library.custom_op("hf_fp8::transpose_fp8", mutates_args=())
-def transpose_fp8(y: torch.Tensor) -> torch.Tensor:
-    """y.T as a new row-major tensor, for a 2D row-major FP8 tensor: the transposed copy of an FP8
-    input or grad-output that the grad-weight GEMM reads (hf_fp8.linear, from
-    _TRANSPOSE_OP_MIN_TOKENS tokens). A custom op, so torch.compile neither fuses the transposed
-    store into the kernel that produces y nor repeats it per consumer. Fused, inductor stores it from
-    a row-wise reduction kernel one byte per token row: the q/k/v input's copy was recomputed in
-    backward and stored three times from the RMSNorm-backward kernel (H200, 1.5B shape, 4096-token
-    batches: 0.37 ms per layer, ~10% of the step), and the SwiGLU backward storing three copies (the
-    down projection's input, recomputed, and the gate/up grad-outputs) took 1.37 ms per layer at the
-    8B slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one
-    tiled kernel; elsewhere aten's copy (the same bytes)."""
+def _transpose_fp8(y: torch.Tensor) -> torch.Tensor:
+    """y.T as a new row-major tensor, for a 2D FP8 tensor: the transposed copy of an FP8 input or
+    grad-output that the grad-weight GEMM reads (hf_fp8.linear, from _TRANSPOSE_OP_MIN_TOKENS
+    tokens). An opaque op (`transpose_fp8`), so torch.compile neither fuses the transposed store into
+    the kernel that produces y nor repeats it per consumer. Fused, inductor stores it from a row-wise
+    reduction kernel one byte per token row: the q/k/v input's copy was recomputed in backward and
+    stored three times from the RMSNorm-backward kernel (H200, 1.5B shape, 4096-token batches: 0.37
+    ms per layer, ~10% of the step), and the SwiGLU backward storing three copies (the down
+    projection's input, recomputed, and the gate/up grad-outputs) took 1.37 ms per layer at the 8B
+    slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one tiled
+    kernel; elsewhere aten's copy (the same bytes)."""
     y_t = torch.empty(y.shape[1], y.shape[0], dtype=y.dtype, device=y.device)
     if y.is_cuda and y.numel() and triton_fp8_unavailable(_index(y.device)) is None:
         transpose_bytes(y.contiguous(), y_t)
@@ -174,9 +174,11 @@ def transpose_fp8(y: torch.Tensor) -> torch.Tensor:
     return y_t
 
 
-@transpose_fp8.register_fake
-def _(y: torch.Tensor) -> torch.Tensor:
-    return y.new_empty(y.shape[1], y.shape[0])
+transpose_fp8 = define_op(
+    "transpose_fp8(Tensor y) -> Tensor",
+    {"CPU": _transpose_fp8, "CUDA": _transpose_fp8},
+    fake=lambda y: y.new_empty(y.shape[1], y.shape[0]),
+)
 
 
 def fused_cast_applies_any_layout(x: torch.Tensor) -> bool:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from ._ops import define_op
 from ._torchao import Float8TrainingTensor, LinearMMConfig, ScaledMMConfig
 from .cast import cast_fp8_fused, cast_fp8_reference, fused_cast_applies, transpose_fp8
 from .recipe import FP8Recipe
@@ -65,16 +66,15 @@ def _fused_cast(x: torch.Tensor, source: DelayedScale) -> bool:
     return source.updated_on_host and fused_cast_applies(x)
 
 
-@torch.library.custom_op("hf_fp8::scaled_mm_without_onednn", mutates_args=())
-def scaled_mm_without_onednn(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
-                             out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:  # fmt: skip
+def _scaled_mm_without_onednn(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Tensor, scale_b: torch.Tensor,
+                              out_dtype: torch.dtype, use_fast_accum: bool) -> torch.Tensor:  # fmt: skip
     """torch._scaled_mm on the CPU with oneDNN switched off around it. torch sends E4M3 x E4M3
     `_scaled_mm` to oneDNN, which has no native FP8 on most CPUs and runs ~50x slower than torch's
     own kernel (identical results); the switch covers the FP8 GEMMs only, so the user's BF16 ops keep
-    oneDNN. (Not `mkldnn.flags()`: it warns on each use.) An op, so that torch.compile does not trace
-    into it: traced, a switch of global state cannot stay in the graph (torch 2.13 moves it out, and
-    the compiled GEMM ran in oneDNN, ~350 ms for 4096 x 64 x 128 against 2 ms; torch 2.11 refuses it
-    in a backward: "HOP: Unsafe side effect")."""
+    oneDNN. (Not `mkldnn.flags()`: it warns on each use.) An op (`scaled_mm_without_onednn`), so that
+    torch.compile does not trace into it: traced, a switch of global state cannot stay in the graph
+    (torch 2.13 moves it out, and the compiled GEMM ran in oneDNN, ~350 ms for 4096 x 64 x 128
+    against 2 ms; torch 2.11 refuses it in a backward: "HOP: Unsafe side effect")."""
     enabled = torch.backends.mkldnn.enabled
     torch.backends.mkldnn.enabled = False
     try:
@@ -83,9 +83,12 @@ def scaled_mm_without_onednn(a: torch.Tensor, b: torch.Tensor, scale_a: torch.Te
         torch.backends.mkldnn.enabled = enabled
 
 
-@scaled_mm_without_onednn.register_fake
-def _(a, b, scale_a, scale_b, out_dtype, use_fast_accum):
-    return a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype)
+scaled_mm_without_onednn = define_op(
+    "scaled_mm_without_onednn(Tensor a, Tensor b, Tensor scale_a, Tensor scale_b, ScalarType out_dtype, "
+    "bool use_fast_accum) -> Tensor",
+    {"CPU": _scaled_mm_without_onednn},
+    fake=lambda a, b, scale_a, scale_b, out_dtype, use_fast_accum: a.new_empty(a.shape[0], b.shape[1], dtype=out_dtype),
+)
 
 
 def _gemm(a, a_inv, b, b_inv, out_dtype: torch.dtype, fast_accum: bool) -> torch.Tensor:

@@ -1,0 +1,47 @@
+"""hf_fp8's Library-defined ops (hf_fp8._ops): their fake implementations, schemas and autograd
+registration agree with the real kernels, checked by torch.library.opcheck on FP8 inputs.
+(opcheck's schema test cannot run on FP8 tensors: it compares them with allclose.)"""
+
+import pytest
+import torch
+
+from hf_fp8.cast import transpose_fp8
+from hf_fp8.linear import scaled_mm_without_onednn
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+CHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def fp8_sample(shape, dtype, device, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 4
+    assert (x != 0).all()
+    return x.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_transpose_fp8_passes_opcheck(device, dtype):
+    y = fp8_sample((48, 80), dtype, device, seed=1)
+    torch.library.opcheck(transpose_fp8, (y,), test_utils=CHECKS)
+    y_t = transpose_fp8(y)
+    assert torch.equal(y_t.view(torch.uint8), y.t().contiguous().view(torch.uint8))
+
+
+def test_transpose_fp8_on_meta_tensors_gives_the_transposed_shape():
+    y = torch.empty(16, 48, dtype=torch.float8_e4m3fn, device="meta")
+    y_t = transpose_fp8(y)
+    assert y_t.shape == (48, 16) and y_t.dtype == y.dtype and y_t.is_contiguous()
+
+
+def test_scaled_mm_without_onednn_passes_opcheck_and_matches_the_fp32_product():
+    a = fp8_sample((32, 64), torch.float8_e4m3fn, "cpu", seed=2)
+    b = fp8_sample((48, 64), torch.float8_e4m3fn, "cpu", seed=3).t()  # column-major (K, N)
+    scale_a, scale_b = torch.tensor(0.5), torch.tensor(0.25)
+    args = (a, b, scale_a, scale_b, torch.bfloat16, False)
+    torch.library.opcheck(scaled_mm_without_onednn, args, test_utils=CHECKS)
+    out = scaled_mm_without_onednn(*args)
+    want = (a.float() @ b.float()) * 0.125
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    # BF16 output rounding only: relative error of one BF16 ulp.
+    torch.testing.assert_close(out.float(), want, rtol=2**-8, atol=0)
