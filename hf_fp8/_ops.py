@@ -22,8 +22,9 @@ _LIB = torch.library.Library("hf_fp8", "FRAGMENT")  # other hf_fp8 ops are custo
 
 
 def define_op(schema: str, kernels: dict[str, Callable], fake: Callable):
-    """Define `hf_fp8::<schema>` with one kernel per dispatch key ("CPU", "CUDA") and a fake
-    (meta) implementation for torch.compile; returns the op's overload, called like a function."""
+    """Define `hf_fp8::<schema>` with its kernels by dispatch key ("CPU", or
+    "CompositeExplicitAutograd" for every device) and a fake (meta) implementation for
+    torch.compile; returns the op's overload, called like a function."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     for key, kernel in kernels.items():
