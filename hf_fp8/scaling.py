@@ -302,28 +302,139 @@ def _update_scales(model: nn.Module, require_recorded: bool) -> None:
             "update_scales: the model has no FP8 layers (no DelayedScale state found). "
             "Call hf_fp8.convert_model(model) first."
         )
-    # Layers converted with one recipe share history length and algo: order states so each such
-    # group is a contiguous run of the flat vectors below, updated with one batch of kernels.
-    states = sorted(states, key=lambda s: (s[1].amax_history.shape[1], s[1].amax_compute_algo))
-    modules = [m for _, m in states]
+    plan = _plan_for(model, states)
     # (N,) all roles of all layers, one flat vector -> one collective.
-    pending = torch.cat([m.pending_amax for m in modules])
+    torch._foreach_copy_(plan.pending.views, plan.pending.buffers)
+    pending = plan.pending.flat
     # NaN under a MAX all-reduce is backend-defined; +inf is not, and is just as non-finite.
     pending = torch.nan_to_num(pending, nan=float("inf"), posinf=float("inf"), neginf=float("inf"))
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(pending, op=dist.ReduceOp.MAX)
     recorded = pending >= 0
     nonfinite = recorded & ~torch.isfinite(pending)
-    _check(model, states, recorded, nonfinite, require_recorded)
+    _check(model, plan, recorded, nonfinite, require_recorded)
 
     valid = recorded & ~nonfinite
-    start = 0
-    for (_, algo), group in itertools.groupby(modules, key=lambda m: (m.amax_history.shape[1], m.amax_compute_algo)):
-        group = list(group)
-        end = start + sum(len(m.roles) for m in group)
-        _update_group(group, algo, pending[start:end], valid[start:end], nonfinite[start:end])
+    for group in plan.groups:
+        _update_group(group, pending[group.start : group.end], valid[group.start : group.end],
+                      nonfinite[group.start : group.end])  # fmt: skip
+    # Every pending amax back to "none recorded": one copy from a constant vector.
+    torch._foreach_copy_(plan.pending.buffers, plan.cleared_views)
+    _note_initialized(model, plan.modules)
+
+
+_DEFERRED_PLAN = "plan"  # the _UpdatePlan of the last update, reused while it matches the model
+
+
+@dataclass
+class _Gathered:
+    """One buffer of every state of a group (or of the model) and a flat work tensor holding them all:
+    `flat` is their concatenation, `views[k]` the part of `flat` that is `buffers[k]`. Update copies
+    buffers -> views (gather) and views -> buffers (write back) with foreach copies, so it creates no
+    views per call."""
+
+    buffers: list[torch.Tensor]
+    flat: torch.Tensor
+    views: list[torch.Tensor]
+
+    @classmethod
+    def of(cls, buffers: list[torch.Tensor]) -> "_Gathered":
+        flat = torch.cat(buffers)
+        return cls(buffers, flat, list(torch.split(flat, [len(b) for b in buffers])))
+
+
+@dataclass
+class _GroupPlan:
+    """States sharing history length and algo: a contiguous run [start, end) of the model's roles,
+    updated with one batch of kernels."""
+
+    modules: list[DelayedScale]
+    algo: str
+    start: int
+    end: int
+    history: _Gathered  # (G, L)
+    scale: _Gathered  # (G,)
+    initialized: _Gathered
+    numerator: _Gathered
+    skips: _Gathered
+    inverses: list[torch.Tensor]  # every role's 0-dim inverse-scale buffer, in order
+    inverse_flat: torch.Tensor  # (G,) work tensor for 1 / scale
+    inverse_views: list[torch.Tensor]  # its 0-dim elements
+
+
+@dataclass
+class _UpdatePlan:
+    """What an update of one model reads and writes, gathered once and reused while the model holds
+    the same scale states with the same buffers. Finding the buffers and splitting work tensors into
+    per-state views (~1,000 views for a 1.5B Llama with FP8 attention) was ~40% of an update's host
+    time on CUDA (benchmarks/RESULTS.md (33)); with the plan an update creates none."""
+
+    found: list[tuple[str, DelayedScale]]  # as delayed_scale_states found them: the key
+    layout: list[tuple]  # per state: its buffers and update settings when the plan was made
+    modules: list[DelayedScale]  # update order: grouped by (history length, algo)
+    names: list[str]  # "layer:role" for every role, in update order
+    pending: _Gathered
+    cleared_views: list[torch.Tensor]  # views of a constant _NOT_RECORDED vector, one per state
+    groups: list[_GroupPlan]
+
+    def matches(self, states: list[tuple[str, DelayedScale]]) -> bool:
+        """The same states under the same names, with the same buffer objects (`.to()`, a reassigned
+        buffer or a new layer make a new plan) and update settings."""
+        return (
+            len(states) == len(self.found)
+            and all(n == fn and m is fm for (n, m), (fn, fm) in zip(states, self.found))
+            and all(_same_layout(_layout(m), layout) for m, layout in zip(self.modules, self.layout))
+        )
+
+
+def _layout(m: DelayedScale) -> tuple[str, tuple[torch.Tensor, ...]]:
+    return m.amax_compute_algo, tuple(m._buffers.values())
+
+
+def _same_layout(a: tuple, b: tuple) -> bool:
+    # Buffers by identity: `.to()` or an assignment replaces the object (the plan keeps the old one
+    # alive, so its id cannot be reused); values are gathered at every update anyway.
+    return a[0] == b[0] and len(a[1]) == len(b[1]) and all(x is y for x, y in zip(a[1], b[1]))
+
+
+def _plan_for(model: nn.Module, states: list[tuple[str, DelayedScale]]) -> _UpdatePlan:
+    deferred = _deferred.setdefault(model, {})
+    plan = deferred.get(_DEFERRED_PLAN)
+    if plan is None or not plan.matches(states):
+        plan = deferred[_DEFERRED_PLAN] = _new_plan(states)
+    return plan
+
+
+def _new_plan(found: list[tuple[str, DelayedScale]]) -> _UpdatePlan:
+    # Layers converted with one recipe share history length and algo: order states so each such
+    # group is a contiguous run of the flat vectors, updated with one batch of kernels.
+    ordered = sorted(found, key=lambda s: (s[1].amax_history.shape[1], s[1].amax_compute_algo))
+    modules = [m for _, m in ordered]
+    pending = _Gathered.of([m.pending_amax for m in modules])
+    cleared = torch.full_like(pending.flat, _NOT_RECORDED)
+    groups, start = [], 0
+    for (_, algo), run in itertools.groupby(modules, key=lambda m: (m.amax_history.shape[1], m.amax_compute_algo)):
+        run = list(run)
+        end = start + sum(len(m.roles) for m in run)
+        inverse_flat = torch.empty(end - start, device=pending.flat.device)
+        groups.append(_GroupPlan(
+            run, algo, start, end,
+            *(_Gathered.of([getattr(m, name) for m in run])
+              for name in ("amax_history", "scale", "initialized", "scale_numerator", "nonfinite_skips")),
+            inverses=[m.inverse(i) for m in run for i in range(len(m.roles))],
+            inverse_flat=inverse_flat,
+            inverse_views=list(inverse_flat.unbind()),
+        ))  # fmt: skip
         start = end
-    _note_initialized(model, modules)
+    return _UpdatePlan(
+        found=list(found),
+        layout=[_layout(m) for m in modules],
+        modules=modules,
+        names=[f"{name}:{role}" for name, m in ordered for role in m.roles],
+        pending=pending,
+        cleared_views=list(torch.split(cleared, [len(m.roles) for m in modules])),
+        groups=groups,
+    )
 
 
 _DEFERRED_INITIALIZED = "initialized"  # the async host copy of which states were fully initialized
@@ -354,34 +465,27 @@ def _note_initialized(model: nn.Module, modules: list[DelayedScale]) -> None:
     _deferred[model][_DEFERRED_INITIALIZED] = (done, pending, flags)
 
 
-def _update_group(group: list[DelayedScale], algo: str, pending, valid, nonfinite) -> None:
-    history = torch.cat([m.amax_history for m in group])  # (G, L)
-    scale = torch.cat([m.scale for m in group])  # (G,)
-    initialized = torch.cat([m.initialized for m in group])
-    numerator = torch.cat([m.scale_numerator for m in group])
-    skips = torch.cat([m.nonfinite_skips for m in group])
+def _update_group(group: _GroupPlan, pending, valid, nonfinite) -> None:
+    gathered = (group.history, group.scale, group.initialized, group.numerator, group.skips)
+    for g in gathered:
+        torch._foreach_copy_(g.views, g.buffers)
+    history, scale, initialized = group.history.flat, group.scale.flat, group.initialized.flat
 
     rolled = torch.roll(history, shifts=1, dims=1)
     rolled[:, 0] = pending.clamp(min=0)
     history = torch.where(valid[:, None], rolled, history)
-    amax = history.amax(dim=1) if algo == "max" else history[:, 0]
+    amax = history.amax(dim=1) if group.algo == "max" else history[:, 0]
     # An all-zero history (e.g. a tensor that was exactly zero) gives no information: keep the scale.
     usable = valid & (amax > 0)
-    scale = torch.where(usable, numerator / amax.clamp(min=_MIN_AMAX), scale)
+    scale = torch.where(usable, group.numerator.flat / amax.clamp(min=_MIN_AMAX), scale)
     initialized = initialized | usable
-    skips = skips + nonfinite.to(skips.dtype)
-    cleared = torch.full_like(pending, _NOT_RECORDED)
+    skips = group.skips.flat + nonfinite.to(group.skips.flat.dtype)
 
-    sizes = [len(m.roles) for m in group]
-    for new, name in (
-        (history, "amax_history"),
-        (scale, "scale"),
-        (initialized, "initialized"),
-        (skips, "nonfinite_skips"),
-        (cleared, "pending_amax"),
-    ):
-        torch._foreach_copy_([getattr(m, name) for m in group], list(torch.split(new, sizes)))
-    write_inverse_scales(group, scale)
+    for g, new in ((group.history, history), (group.scale, scale), (group.initialized, initialized), (group.skips, skips)):
+        g.flat.copy_(new)
+        torch._foreach_copy_(g.buffers, g.views)
+    torch.reciprocal(group.scale.flat, out=group.inverse_flat)
+    torch._foreach_copy_(group.inverses, group.inverse_views)
 
 
 @dataclass
@@ -397,11 +501,11 @@ class _Check:
     ready: torch.cuda.Event | None = None
 
 
-def _check(model: nn.Module, states, recorded, nonfinite, require_recorded: bool) -> None:
+def _check(model: nn.Module, plan: _UpdatePlan, recorded, nonfinite, require_recorded: bool) -> None:
     # Layers converted with different recipes: the strictest policy wins.
-    policies = {m.on_nonfinite_amax for _, m in states}
+    policies = {m.on_nonfinite_amax for m in plan.modules}
     policy = next(p for p in ("raise", "warn", "skip") if p in policies)
-    names = [f"{name}:{role}" for name, m in states for role in m.roles]
+    names = plan.names
     flags = torch.stack([recorded.any(), nonfinite.any()])
     deferred = _deferred.setdefault(model, {})
     previous = deferred.get(_DEFERRED_CHECK)

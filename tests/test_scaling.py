@@ -12,6 +12,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import hf_fp8
+from hf_fp8 import scaling
 from hf_fp8.scaling import delayed_scale_states
 
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max  # 448
@@ -315,6 +316,57 @@ def test_one_update_handles_all_layers_of_a_model():
     for _, state in delayed_scale_states(model):
         assert state.initialized.all()
         assert (state.pending_amax == -1).all()
+
+
+def _mixed_recipe_model():
+    torch.manual_seed(0)
+    return nn.Sequential(
+        hf_fp8.FP8Linear(32, 64, recipe=hf_fp8.FP8Recipe(amax_history_len=4)),
+        nn.ReLU(),
+        hf_fp8.FP8Linear(64, 16, recipe=hf_fp8.FP8Recipe(amax_history_len=8, amax_compute_algo="most_recent")),
+    )
+
+
+def _states_equal(a: nn.Module, b: nn.Module) -> None:
+    for (name, sa), (_, sb) in zip(delayed_scale_states(a), delayed_scale_states(b)):
+        for buffer, ta in sa._buffers.items():
+            tb = sb._buffers[buffer]
+            assert torch.equal(ta, tb), (name, buffer, ta, tb)
+
+
+def test_update_tracks_replaced_buffers_new_layers_and_groups_of_recipes():
+    """update_scales keeps what it gathered of a model's scale buffers between calls (host time, see
+    scaling._UpdatePlan). A model whose two layers have different history lengths and algos (two
+    groups in one update) is updated whole; its twin layer by layer. Between updates the model's
+    buffers are replaced by new tensors and a layer is swapped for a new one (in both). The scaling
+    states must stay identical: a stale plan would write into the replaced tensors."""
+    model = _mixed_recipe_model()
+    twin = _mixed_recipe_model()
+    gen = torch.Generator().manual_seed(1)
+    for i in range(5):
+        x = torch.randn(24, 32, generator=gen) * (1 + i)
+        for m in (model, twin):
+            m(x).square().sum().backward()
+        hf_fp8.update_scales(model)
+        for layer in (twin[0], twin[2]):
+            hf_fp8.update_scales(layer)
+        _states_equal(model, twin)
+        if i == 0:
+            plan = scaling._deferred[model]["plan"]
+        if i == 1:  # nothing changed since the plan was made: reused
+            assert scaling._deferred[model]["plan"] is plan
+            state = model[0].fp8_scale
+            state.amax_history = state.amax_history.clone()
+            state.scale = state.scale.clone()
+            state.inv_scale_input = state.inv_scale_input.clone()
+        if i == 2:
+            assert scaling._deferred[model]["plan"] is not plan
+            for m in (model, twin):
+                m[2] = hf_fp8.FP8Linear.from_linear(m[2].to_linear(), hf_fp8.FP8Recipe(amax_history_len=2))
+    for m in (model, twin):
+        assert m[0].fp8_scale.initialized.all() and m[2].fp8_scale.initialized.all()
+        assert (m[0].fp8_scale.amax_history[:, :4] > 0).all()
+        torch.testing.assert_close(m[0].fp8_scale.inv_scale, m[0].fp8_scale.scale.reciprocal(), rtol=0, atol=0)
 
 
 # ---- torch.distributed: one all-reduce (MAX) for all layers, identical histories on all ranks ----
