@@ -1,4 +1,5 @@
-"""Shared by the training-parity tests: learnable synthetic data and a plain FP8/BF16 loop."""
+"""Shared by the tests: learnable synthetic data and a plain FP8/BF16 loop (training parity), building
+Triton kernels for Hopper without a GPU, and Triton's interpreter patched to run hf_fp8's kernels."""
 
 from __future__ import annotations
 
@@ -92,3 +93,32 @@ def build_for_hopper(kernels: list[tuple[str, str, dict, dict]]) -> None:
     if done.returncode == 3:
         pytest.skip(f"Triton cannot build CUDA code here: {done.stdout.strip()}")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def patch_triton_interpreter(mp) -> None:
+    """Two defects of Triton's interpreter, not of hf_fp8's kernels, patched through the pytest
+    MonkeyPatch `mp`: (1) its FP32 -> FP8 conversion rounds half-up on the mantissa without carrying
+    into the exponent (126.8 -> 64 in E4M3; Triton 3.6 to 3.9), so it is replaced by torch's
+    round-to-nearest-even, which the GPU's cvt.rn does; (2) in Triton 3.6 scalars are 1-element numpy
+    arrays, which numpy >= 2.3 refuses to turn into Python ints (loop bounds)."""
+    import numpy as np
+    from triton import language as tl
+    from triton.runtime import interpreter
+
+    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
+    convert = interpreter.InterpreterBuilder.create_fp_to_fp
+
+    def create_fp_to_fp(self, src, dst_type, rounding_mode):
+        if dst_type.scalar in fp8 and src.dtype.scalar == tl.float32:
+            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
+            return interpreter.TensorHandle(x.to(fp8[dst_type.scalar]).view(torch.uint8).numpy(), dst_type.scalar)
+        return convert(self, src, dst_type, rounding_mode)
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def _patch_lang_tensor(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    mp.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", create_fp_to_fp)
+    mp.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor)

@@ -21,7 +21,6 @@ import copy
 import os
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import transformers
@@ -29,7 +28,7 @@ import transformers
 import hf_fp8
 from hf_fp8.attention import kernels, new_attention_scales, triton_flash
 from hf_fp8.attention.reference import _DQ, _DS, fp8_attention_reference
-from helpers import final_loss, run_steps, structured_batches
+from helpers import final_loss, patch_triton_interpreter, run_steps, structured_batches
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
 
@@ -43,34 +42,6 @@ def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 # ---- the interpreter ----------------------------------------------------------------------------
 
 
-def _patch_interpreter(mp: pytest.MonkeyPatch) -> None:
-    """Two defects of Triton's interpreter, not of the kernels: (1) its FP32 -> FP8 conversion rounds
-    half-up on the mantissa without carrying into the exponent (126.8 -> 64 in E4M3; Triton 3.6 to
-    3.9), so it is replaced by torch's round-to-nearest-even, which the GPU's cvt.rn does; (2) in
-    Triton 3.6 scalars are 1-element numpy arrays, which numpy >= 2.3 refuses to turn into Python
-    ints (loop bounds)."""
-    from triton import language as tl
-    from triton.runtime import interpreter
-
-    fp8 = {tl.float8e4nv: torch.float8_e4m3fn, tl.float8e5: torch.float8_e5m2}
-    convert = interpreter.InterpreterBuilder.create_fp_to_fp
-
-    def create_fp_to_fp(self, src, dst_type, rounding_mode):
-        if dst_type.scalar in fp8 and src.dtype.scalar == tl.float32:
-            x = torch.from_numpy(np.ascontiguousarray(src.data, dtype=np.float32))
-            return interpreter.TensorHandle(x.to(fp8[dst_type.scalar]).view(torch.uint8).numpy(), dst_type.scalar)
-        return convert(self, src, dst_type, rounding_mode)
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def _patch_lang_tensor(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-    mp.setattr(interpreter.InterpreterBuilder, "create_fp_to_fp", create_fp_to_fp)
-    mp.setattr(interpreter, "_patch_lang_tensor", _patch_lang_tensor)
-
-
 @pytest.fixture
 def interpreted():
     """The kernels in Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 where
@@ -78,7 +49,7 @@ def interpreted():
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("a GPU is present: the compiled kernels are tested instead (test_gpu_*)")
     with pytest.MonkeyPatch.context() as mp:
-        _patch_interpreter(mp)
+        patch_triton_interpreter(mp)
         mp.setattr(triton_flash, "_check", lambda device_type, index: None)
         mp.setattr(triton_flash, "_STATUS", {})
         mp.setattr(kernels, "_CHOICE", None)

@@ -1,6 +1,9 @@
-"""hf_fp8.cast: the reference cast (what CI runs) against torchao's cast, and the Triton kernel
-against the reference, bit for bit (CUDA cases: run on the GPU machine); in eager CUDA mode the FP8
-linear reads its operands in the layouts the Triton casts write (no transposing copies)."""
+"""hf_fp8.cast: the reference cast (what CI runs) against torchao's cast, and the Triton kernels
+against the reference, bit for bit: compiled on a GPU (CUDA cases: run on the GPU machine) and, in CI,
+in Triton's interpreter on the CPU; in eager CUDA mode the FP8 linear reads its operands in the
+layouts the Triton casts write (no transposing copies)."""
+
+import os
 
 import pytest
 import torch
@@ -10,6 +13,7 @@ import hf_fp8
 from hf_fp8 import cast
 from hf_fp8._torchao import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
 from hf_fp8.scaling import amax_of
+from helpers import patch_triton_interpreter
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the H200 runs these)")
@@ -103,17 +107,64 @@ def test_report_line_names_the_triton_cast_on_the_gpu():
     assert cast.describe(torch.device("cuda")).startswith("eager: one Triton kernel per cast")
 
 
-@cuda
-def test_triton_amax_propagates_nan_and_inf_and_handles_empty():
-    x = sample((128, 128), torch.bfloat16, "cuda", seed=3)
-    scale = torch.tensor(1.0, device="cuda")
+def _check_amax_of_nan_inf_and_empty(device):
+    x = sample((128, 128), torch.bfloat16, device, seed=3)
+    scale = torch.tensor(1.0, device=device)
     x[7, 9] = float("inf")
     assert cast.cast_fp8_fused(x, scale, FP8[0], True)[2].item() == float("inf")
     x[100, 3] = -float("nan")
     y, _, amax = cast.cast_fp8_fused(x, scale, FP8[0], True)
     assert amax.isnan() and y[100, 3].float().isnan()
-    y, y_t, amax = cast.cast_fp8_fused(torch.empty(0, 32, device="cuda", dtype=torch.bfloat16), scale, FP8[1], True)
+    y, y_t, amax = cast.cast_fp8_fused(torch.empty(0, 32, device=device, dtype=torch.bfloat16), scale, FP8[1], True)
     assert y.shape == (0, 32) and y_t.shape == (32, 0) and amax.item() == 0.0
+
+
+@cuda
+def test_triton_amax_propagates_nan_and_inf_and_handles_empty():
+    _check_amax_of_nan_inf_and_empty("cuda")
+
+
+# ---- the same kernels in Triton's interpreter (CI: no GPU) ------------------------------------------
+
+
+@pytest.fixture
+def interpreted():
+    """hf_fp8's cast kernels run by Triton's interpreter on CPU tensors (conftest.py sets
+    TRITON_INTERPRET=1 where there is no GPU): their logic (tiles, edge masks, the transposed store,
+    the amax atomics) is checked in CI, not only on the GPU machine."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is present: the compiled kernels are tested instead")
+    with pytest.MonkeyPatch.context() as mp:
+        patch_triton_interpreter(mp)
+        yield
+
+
+@pytest.mark.parametrize("fp8", FP8)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])  # FP32: cast, then byte transpose
+@pytest.mark.parametrize("shape", [(100, 300), (1, 16), (130, 3), (64, 128)])
+def test_cast_kernels_in_the_interpreter_equal_reference_bitwise(interpreted, fp8, dtype, shape):
+    x = sample(shape, dtype, "cpu", seed=shape[0] * 7 + shape[1])
+    scale = torch.tensor(11.3)
+    ref, ref_t = cast.cast_fp8_reference(x, scale, fp8, transposed=True)
+    y, y_t, amax = cast.cast_fp8_fused(x, scale, fp8, transposed=True)
+    assert torch.equal(bits(y), bits(ref)) and torch.equal(bits(y_t), bits(ref_t))
+    assert amax.item() == amax_of(x).item() > 0
+    # Recording into pending amaxes (max-reduced): none recorded yet (-1) and a lower one become x's
+    # amax; a higher one stays.
+    fresh, lower, higher = torch.tensor(-1.0), torch.tensor(amax.item() / 2), torch.tensor(2 * amax.item())
+    y2, none, no_amax = cast.cast_fp8_fused(x, scale, fp8, transposed=False, record_into=(fresh, lower))
+    assert none is None and no_amax is None and torch.equal(bits(y2), bits(ref))
+    cast.cast_fp8_fused(x, scale, fp8, transposed=True, record_into=(higher,))
+    assert fresh.item() == lower.item() == amax.item() and higher.item() == 2 * amax.item()
+    # The byte transpose on its own (transpose_fp8 on CUDA).
+    y_t3 = torch.empty_like(ref_t)
+    cast.transpose_bytes(ref, y_t3)
+    assert torch.equal(bits(y_t3), bits(ref_t))
+
+
+def test_cast_kernel_amax_in_the_interpreter_propagates_nan_and_inf_and_handles_empty(interpreted):
+    _check_amax_of_nan_inf_and_empty("cpu")
 
 
 class _ScaledMMOperands(TorchDispatchMode):
@@ -274,16 +325,25 @@ def test_broadcast_or_overlapping_tensors_take_the_reference(monkeypatch):
     assert not cast.fused_cast_applies_any_layout(torch.tensor(1.0))
 
 
-@cuda
-@pytest.mark.parametrize("fp8", FP8)
-def test_triton_cast_of_attention_layouts_equals_reference_bitwise(fp8):
-    q = sample((2, 256, 8, 64), torch.bfloat16, "cuda", seed=9).transpose(1, 2)  # (B, H, S, D) of BSHD memory
-    scale = torch.tensor(7.0, device="cuda")
-    assert cast.fused_cast_applies_any_layout(q)
+def _check_attention_layout_cast(device, fp8):
+    q = sample((2, 256, 8, 64), torch.bfloat16, device, seed=9).transpose(1, 2)  # (B, H, S, D) of BSHD memory
+    scale = torch.tensor(7.0, device=device)
     y, amax = cast.cast_fp8_fused_any_layout(q, scale, fp8)
     ref = cast.cast_fp8_reference(q.contiguous(), scale, fp8, False)[0]
     assert y.stride() == q.stride() and torch.equal(bits(y.contiguous()), bits(ref))
     assert amax.item() == amax_of(q).item()
+
+
+@cuda
+@pytest.mark.parametrize("fp8", FP8)
+def test_triton_cast_of_attention_layouts_equals_reference_bitwise(fp8):
+    assert cast.fused_cast_applies_any_layout(sample((2, 256, 8, 64), torch.bfloat16, "cuda", seed=9).transpose(1, 2))
+    _check_attention_layout_cast("cuda", fp8)
+
+
+@pytest.mark.parametrize("fp8", FP8)
+def test_cast_kernel_of_attention_layouts_in_the_interpreter_equals_reference_bitwise(interpreted, fp8):
+    _check_attention_layout_cast("cpu", fp8)
 
 
 def test_kernels_compile_for_hopper():
