@@ -97,10 +97,12 @@ class DelayedScale(nn.Module):
         return torch.stack([self.inverse(i) for i in range(len(self.roles))])
 
     def sync_inverse_scale(self) -> None:
-        """Recompute the stored inverse scales from `scale`. update_scales, load_state_dict,
-        hub.load_fp8_state and raise_margin do it; code that writes `scale` itself must call this after."""
+        """Recompute the stored inverse scales from `scale`. load_state_dict, hub.load_fp8_state and
+        raise_margin do it (update_scales writes them itself); code that writes `scale` itself must
+        call this after."""
         with torch.no_grad():
-            write_inverse_scales([self], self.scale)
+            inverses = [self.inverse(i) for i in range(len(self.roles))]
+            torch._foreach_copy_(inverses, list(self.scale.reciprocal().unbind()))
 
     def initialized_on_host(self, i: int) -> bool:
         """Whether role i has a delayed scale, for host-side decisions (FSDP2 FP8 all-gather). Read
@@ -202,13 +204,6 @@ def inverse_scale(state: DelayedScale, i: int, scale: torch.Tensor) -> torch.Ten
     """1 / `scale`, where `scale` is what `cast_scale(state, i, ...)` returned: the stored inverse
     in the steady state (no kernel), else computed."""
     return state.inverse(i) if state.updated_on_host else scale.reciprocal()
-
-
-def write_inverse_scales(states: list[DelayedScale], scales: torch.Tensor) -> None:
-    """Set the stored inverse scales of `states` to 1 / `scales`, their roles' scales concatenated
-    in order: one foreach copy for a whole group of states."""
-    inverses = [state.inverse(i) for state in states for i in range(len(state.roles))]
-    torch._foreach_copy_(inverses, list(scales.reciprocal().unbind()))
 
 
 def record_amax(state: DelayedScale, i: int, amax_now: torch.Tensor) -> None:
