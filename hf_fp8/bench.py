@@ -22,7 +22,9 @@ Shapes: the paper's 1.5B Llama, an 8B-shape slice (4 of 32 layers), FOG-flash at
 for smoke runs. Data: a fresh batch per step of learnable sequences (each token follows the previous
 by a fixed random map over a 4096-token alphabet, 10% noise), so the loss after the timed steps
 compares how FP8 and BF16 start to learn; random tokens cycled over a few batches (the earlier data)
-measured how fast each memorizes noise. A throughput run, not a quality measure.
+measured how fast each memorizes noise. A throughput run, not a quality measure. A mode that
+compiles during its timed steps (too few --warmup steps) is flagged: a warning, its ratio starred,
+`compiled_during_timing` in its results.
 
   hf-fp8 bench --shape 1.5b --modes bf16,torchao,hf_fp8,hf_fp8_attn --gpu-time --out results.json \
       --results-md benchmarks/RESULTS.md --note "what changed since the last run"
@@ -165,6 +167,13 @@ def prepare_mode(args, mode: str, batches: list[torch.Tensor]):
     return model, opt, report, [b.to(device) for b in batches]
 
 
+def _graphs_compiled() -> int:
+    """How many graphs torch.compile (dynamo) has compiled in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def _free_mode(device: torch.device) -> None:
     """After a mode's model and optimizer are deleted: release their memory and compiled code."""
     gc.collect()
@@ -193,11 +202,20 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         _sync(device)
         if step == args.warmup - 1:
             compile_s = time.perf_counter() - t_start
+            graphs_after_warmup = _graphs_compiled()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
             host_times.append(t_host)
         loss = step_loss.item()
     median = statistics.median(times)
+    # FP8 layers compile twice: the first steps' graphs scale from each tensor's own amax; once the
+    # delayed scales exist (known on the host after 1 update on CPU, 2 on CUDA) the steady-state
+    # graph replaces them. A compilation inside the timed steps makes their times meaningless.
+    recompiled = _graphs_compiled() - graphs_after_warmup
+    if recompiled:
+        print(f"bench: WARNING: {mode} compiled {recompiled} graph(s) during its timed steps, so its step time includes "
+              f"compilation; use --warmup 3 or more (compiled FP8 modes compile again at step 2 on CUDA, step 1 on CPU)",
+              flush=True)  # fmt: skip
     result = {
         "tokens_per_s": args.batch_size * args.seq_len / median,
         "step_ms_median": 1000 * median,
@@ -206,6 +224,7 @@ def run_mode(args, mode: str, batches: list[torch.Tensor]) -> dict:
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
         "compile_and_warmup_s": compile_s,
         "loss": loss,
+        "compiled_during_timing": recompiled,
     }
     if report is not None:
         result["fp8_flop_fraction"] = report.fp8_flop_fraction
@@ -307,7 +326,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batches", type=int, default=1,
                    help="split each batch into this many micro-batches, one optimizer step per batch (gradient accumulation)")
     p.add_argument("--seq-len", type=int, default=4096)
-    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="untimed steps first (compilation happens here; compiled FP8 modes compile again once their "
+                        "delayed scales exist, at step 2 on CUDA and step 1 on CPU, so use 3 or more)")
     p.add_argument("--steps", type=int, default=15, help="timed steps")
     p.add_argument("--device", default="cuda")
     p.add_argument("--no-compile", action="store_true", help="eager (no per-layer torch.compile)")
@@ -366,6 +387,8 @@ def run(args) -> dict:
         ratio, gpu, peak = _cells(r)
         print(f"{mode:<14} {r['tokens_per_s']:>10.0f} {ratio:>8} {r['step_ms_median']:>8.1f} {gpu:>8} {r['host_ms_median']:>8.1f} {peak:>9} "
               f"{r['compile_and_warmup_s']:>9.1f} {r['loss']:>8.4f}")  # fmt: skip
+    if note := _recompiled_note(results):
+        print(note)
     if args.results_md:
         _record(args, results, name)
     if args.out:
@@ -384,9 +407,19 @@ def run(args) -> dict:
 def _cells(r: dict) -> tuple[str, str, str]:
     """A result's ratio to BF16, GPU ms and peak memory as table cells ("-" where there is none)."""
     ratio = f"{r['ratio_vs_bf16']:.3f}" if r["ratio_vs_bf16"] is not None else "-"
+    ratio += "*" if r.get("compiled_during_timing") else ""
     gpu = f"{r['gpu_busy_ms']:.1f}" if r["gpu_busy_ms"] is not None else "-"
     peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
     return ratio, gpu, peak
+
+
+def _recompiled_note(results: dict) -> str | None:
+    """The table's footnote for modes that compiled during their timed steps, or None."""
+    modes = [f"{m} ({r['compiled_during_timing']})" for m, r in results.items() if r.get("compiled_during_timing")]
+    if not modes:
+        return None
+    return (f"* compiled during the timed steps (graphs): {', '.join(modes)}; those step times include compilation. "
+            "Rerun with --warmup 3 or more.")  # fmt: skip
 
 
 def _micro_batches_text(args) -> str:
@@ -413,6 +446,8 @@ def _record(args, results: dict, device_name: str) -> None:
             f"host ms: time to enqueue a step."]  # fmt: skip
     body += [""] + _results.markdown_table(
         ["mode", "tok/s", "vs BF16", "ms/step", "GPU ms", "host ms", "peak GiB", "compile + warm-up s", "loss"], rows)
+    if note := _recompiled_note(results):
+        body += ["", note]
     if args.out:
         body += ["", f"Raw: `{args.out}`."]
     _results.record(args.results_md, f"hf-fp8 bench: {args.shape} ({device_name})", command,

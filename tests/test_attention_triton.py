@@ -26,7 +26,7 @@ import torch
 import transformers
 
 import hf_fp8
-from hf_fp8.attention import kernels, new_attention_scales, triton_flash
+from hf_fp8.attention import cudnn_sdpa, kernels, new_attention_scales, triton_flash
 from hf_fp8.attention.reference import _DQ, _DS, fp8_attention_reference
 from helpers import final_loss, patch_triton_interpreter, run_steps, structured_batches
 
@@ -244,6 +244,42 @@ def test_kernel_choice_from_the_environment(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="HF_FP8_ATTENTION_KERNEL=triton but device cpu"):
         kernels.description(torch.device("cpu"))
+
+
+@pytest.fixture
+def deterministic_algorithms():
+    was, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    yield
+    torch.use_deterministic_algorithms(was, warn_only=warn_only)
+
+
+@pytest.mark.parametrize("warn_only", [False, True])
+def test_deterministic_algorithms_keep_fp8_attention_off_cudnn(monkeypatch, deterministic_algorithms, warn_only):
+    """cuDNN's FP8 attention backward on Hopper reduces dQ in no fixed order and has no deterministic
+    mode, so under torch.use_deterministic_algorithms(True) a call cuDNN would take goes to the Triton
+    kernel (deterministic: its only atomics are amax maxima), and the report line says why. A cuDNN
+    that is usable is simulated (this runs on CPU too); the GPU run is the det probe in RESULTS (35)."""
+    monkeypatch.setattr(cudnn_sdpa, "status", lambda device: None)
+    monkeypatch.setattr(cudnn_sdpa, "backend_version", lambda: 91900)
+    monkeypatch.setattr(kernels, "_CHOICE", "auto")
+    monkeypatch.setattr(kernels, "_triton_status", lambda device: None)
+    monkeypatch.setattr(triton_flash, "declines", lambda *args: None)
+
+    class CudaQuery:  # what kernel_for reads of a (B, H, S, D) CUDA tensor
+        is_cuda, device, shape = True, torch.device("cuda", 0), (1, 4, 256, 128)
+
+    q, gpu = CudaQuery(), torch.device("cuda", 0)
+    assert kernels.kernel_for(q, q, None, True) == ("cudnn", "")
+    assert kernels.description(gpu).startswith("cuDNN FP8 SDPA (cuDNN 91900)")
+    torch.use_deterministic_algorithms(True, warn_only=warn_only)
+    assert cudnn_sdpa.kernel_for(q, q, None, True) == ("reference", cudnn_sdpa.DETERMINISTIC_REASON)
+    kernel, why = kernels.kernel_for(q, q, None, True)
+    assert kernel == "triton" and why == f"cuDNN: {cudnn_sdpa.DETERMINISTIC_REASON}"
+    line = kernels.description(gpu)
+    assert line.startswith("hf_fp8's Triton FP8 flash attention for calls"), line
+    assert line.endswith(f"(cuDNN FP8 SDPA not used: {cudnn_sdpa.DETERMINISTIC_REASON})"), line
+    torch.use_deterministic_algorithms(False)
+    assert kernels.kernel_for(q, q, None, True) == ("cudnn", "")
 
 
 # ---- the GPU --------------------------------------------------------------------------------------

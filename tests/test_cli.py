@@ -258,6 +258,7 @@ def test_bench_cpu_smoke_writes_results_per_shape(tmp_path, capsys):
         # Host time to enqueue a step: on CPU the step runs as it is enqueued.
         assert 0 < tiny[mode]["host_ms_median"] <= tiny[mode]["step_ms_median"]
         assert tiny[mode]["gpu_busy_ms"] is None  # no GPU
+        assert tiny[mode]["compiled_during_timing"] == 0  # eager: nothing compiles
     assert 0 < tiny["hf_fp8"]["fp8_flop_fraction"] < tiny["hf_fp8_attn"]["fp8_flop_fraction"] < 1
     assert "reference" in tiny["hf_fp8_attn"]["attention_kernel"]  # CPU: the pure-PyTorch reference
     assert "tokens/s" not in capsys.readouterr().err
@@ -454,6 +455,25 @@ def test_bench_compile_options_reach_every_layer_and_the_results(tmp_path, capsy
     with pytest.raises(SystemExit):
         main(["bench", "--device", "cpu", "--no-compile", "--compile-options", json.dumps(options)])
     assert "needs compilation" in capsys.readouterr().err
+
+
+def test_bench_flags_compilation_inside_the_timed_steps(tmp_path, capsys):
+    """A compiled FP8 mode compiles again once its delayed scales exist (step 1 on CPU, 2 on CUDA).
+    With too few warm-up steps that compilation lands in the timed steps (on the H200, --warmup 2 timed
+    hf_fp8_attn at 4.9 s per step instead of 0.17): the bench warns, counts the graphs in the results
+    and stars the ratio, in the printed table and in --results-md. BF16 compiles once: not flagged."""
+    out, md = tmp_path / "bench.json", tmp_path / "RESULTS.md"
+    main(["bench", "--device", "cpu", "--shape", "tiny", "--modes", "bf16,hf_fp8", "--warmup", "1", "--steps", "2",
+          "--seq-len", "32", "--batch-size", "1", "--quiet", "--out", str(out), "--results-md", str(md)])  # fmt: skip
+    printed = capsys.readouterr().out
+    tiny = json.loads(out.read_text())["tiny"]
+    assert tiny["bf16"]["compiled_during_timing"] == 0
+    assert tiny["hf_fp8"]["compiled_during_timing"] >= 1
+    assert "WARNING: hf_fp8 compiled" in printed and "use --warmup 3 or more" in printed
+    assert "WARNING: bf16" not in printed
+    for text in (printed, md.read_text()):
+        assert f"{tiny['hf_fp8']['ratio_vs_bf16']:.3f}*" in text and "* compiled during the timed steps" in text
+        assert "1.000*" not in text
 
 
 def test_bench_data_is_learnable_and_the_same_for_every_mode():

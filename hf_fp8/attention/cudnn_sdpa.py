@@ -14,7 +14,8 @@ What runs where:
 - `torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd` / `_bwd`: custom ops with fake implementations, so
   torch.compile keeps them opaque. Graphs are built once per shape/stride/flag combination.
 Covered: causal (top-left, as SDPA's is_causal) or no mask, GQA/MQA, head dim 128 (cuDNN 9.19's FP8
-backward on Hopper declines any other). Other masks (padding, sliding window) and head dims run on
+backward on Hopper declines any other), unless torch.use_deterministic_algorithms(True) is set (its
+backward is not deterministic on Hopper). Other masks (padding, sliding window) and head dims run on
 hf_fp8's Triton kernel or the reference; see `kernels.py`.
 """
 
@@ -117,7 +118,15 @@ def kernel_for(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal
         return "reference", f"causal attention of {q_len} queries over {kv_len} keys (the fused kernel needs equal lengths)"
     if head_dim != 128:  # cuDNN 9.19's FP8 backward on Hopper declines any other head dim
         return "reference", f"head dim {head_dim} (cuDNN's FP8 attention backward on Hopper takes head dim 128 only)"
+    if torch.are_deterministic_algorithms_enabled():
+        # cuDNN's FP8 backward reduces dQ across key blocks in no fixed order, and the frontend offers
+        # its deterministic variant on Blackwell only; hf_fp8's Triton backward is deterministic.
+        return "reference", DETERMINISTIC_REASON
     return "cudnn", ""
+
+
+DETERMINISTIC_REASON = ("torch.use_deterministic_algorithms(True) is set and cuDNN's FP8 attention backward has no "
+                        "deterministic mode on Hopper")  # fmt: skip
 
 
 # ---- graphs ---------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@
 2. hf_fp8's Triton FP8 flash attention (`triton_flash.py`): GPUs with FP8 tensor cores and Triton;
    head dims 32/64/128, causal, unmasked or boolean (padding, sliding-window) masks;
 3. the pure-PyTorch reference (`reference.py`): everything else, and the CPU.
+Under `torch.use_deterministic_algorithms(True)` cuDNN's kernel is skipped: its FP8 backward on
+Hopper has no deterministic mode, while the Triton kernel and the reference are deterministic.
 HF_FP8_ATTENTION_KERNEL=auto|cudnn|triton|reference picks one (an unavailable choice raises).
 """
 
@@ -60,6 +62,9 @@ def description(device: torch.device) -> str:
     choice = _choice()
     cudnn_why = cudnn_sdpa.status(device) if choice in ("auto", "cudnn") else f"{cudnn_sdpa.KERNEL_ENV}={choice}"
     triton_why = _triton_status(device)
+    deterministic = cudnn_why is None and torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        cudnn_why = cudnn_sdpa.DETERMINISTIC_REASON
     parts = []
     if cudnn_why is None:
         parts.append(f"cuDNN FP8 SDPA (cuDNN {cudnn_sdpa.backend_version()}) for causal/unmasked batches at head dim 128")
@@ -68,5 +73,6 @@ def description(device: torch.device) -> str:
         parts.append(f"hf_fp8's Triton FP8 flash attention for {'other calls' if parts else 'calls'} "
                      f"(head dims {dims}; causal, unmasked or boolean masks)")  # fmt: skip
     if parts:
-        return "; ".join(parts) + "; the pure-PyTorch reference for the rest"
+        note = f" (cuDNN FP8 SDPA not used: {cudnn_why})" if deterministic else ""
+        return "; ".join(parts) + "; the pure-PyTorch reference for the rest" + note
     return f"pure-PyTorch reference (cuDNN: {cudnn_why}; Triton: {triton_why})"
