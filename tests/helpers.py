@@ -3,6 +3,13 @@ Triton kernels for Hopper without a GPU, and Triton's interpreter patched to run
 
 from __future__ import annotations
 
+import contextlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
 import torch
 from torch import nn
 
@@ -79,13 +86,6 @@ def build_for_hopper(kernels: list[tuple[str, str, dict, dict]]) -> None:
     (module, kernel name, signature {arg: "*bf16" | "i32" | "constexpr" ...}, constexprs {arg: value}).
     In a process of its own: the tests' Triton runs as the interpreter (conftest.py), which cannot
     compile. Skips the calling test when Triton or its CUDA toolchain is missing; fails on a build error."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    import pytest
-
     pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run([sys.executable, "-c", _BUILD_FOR_HOPPER, json.dumps(kernels)], env=env,
@@ -93,6 +93,20 @@ def build_for_hopper(kernels: list[tuple[str, str, dict, dict]]) -> None:
     if done.returncode == 3:
         pytest.skip(f"Triton cannot build CUDA code here: {done.stdout.strip()}")
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+@contextlib.contextmanager
+def triton_interpreter():
+    """Run hf_fp8's Triton kernels in Triton's interpreter on CPU tensors (conftest.py sets
+    TRITON_INTERPRET=1 where there is no GPU), with its defects patched (`patch_triton_interpreter`);
+    yields the MonkeyPatch for further patches. Skips where Triton is missing or a GPU runs the
+    compiled kernels instead."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("a GPU is present: the compiled kernels are tested instead")
+    with pytest.MonkeyPatch.context() as mp:
+        patch_triton_interpreter(mp)
+        yield mp
 
 
 def patch_triton_interpreter(mp) -> None:

@@ -18,7 +18,6 @@ within 2%.
 from __future__ import annotations
 
 import copy
-import os
 import warnings
 
 import pytest
@@ -28,7 +27,7 @@ import transformers
 import hf_fp8
 from hf_fp8.attention import cudnn_sdpa, kernels, new_attention_scales, triton_flash
 from hf_fp8.attention.reference import _DQ, _DS, fp8_attention_reference
-from helpers import final_loss, patch_triton_interpreter, run_steps, structured_batches
+from helpers import final_loss, run_steps, structured_batches, triton_interpreter
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
 
@@ -46,10 +45,7 @@ def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
 def interpreted():
     """The kernels in Triton's interpreter on the CPU (conftest.py sets TRITON_INTERPRET=1 where
     there is no GPU), with the CPU admitted as a device for them."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a GPU is present: the compiled kernels are tested instead (test_gpu_*)")
-    with pytest.MonkeyPatch.context() as mp:
-        patch_triton_interpreter(mp)
+    with triton_interpreter() as mp:
         mp.setattr(triton_flash, "_check", lambda device_type, index: None)
         mp.setattr(triton_flash, "_STATUS", {})
         mp.setattr(kernels, "_CHOICE", None)

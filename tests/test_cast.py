@@ -3,7 +3,6 @@ against the reference, bit for bit: compiled on a GPU (CUDA cases: run on the GP
 in Triton's interpreter on the CPU; in eager CUDA mode the FP8 linear reads its operands in the
 layouts the Triton casts write (no transposing copies)."""
 
-import os
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ import hf_fp8
 from hf_fp8 import cast
 from hf_fp8._torchao import GemmInputRole, LinearMMConfig, hp_tensor_and_scale_to_float8
 from hf_fp8.scaling import amax_of
-from helpers import patch_triton_interpreter
+from helpers import triton_interpreter
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the H200 runs these)")
@@ -129,14 +128,9 @@ def test_triton_amax_propagates_nan_and_inf_and_handles_empty():
 
 @pytest.fixture
 def interpreted():
-    """hf_fp8's cast kernels run by Triton's interpreter on CPU tensors (conftest.py sets
-    TRITON_INTERPRET=1 where there is no GPU): their logic (tiles, edge masks, the transposed store,
-    the amax atomics) is checked in CI, not only on the GPU machine."""
-    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("a GPU is present: the compiled kernels are tested instead")
-    with pytest.MonkeyPatch.context() as mp:
-        patch_triton_interpreter(mp)
+    """hf_fp8's cast kernels run by Triton's interpreter on CPU tensors: their logic (tiles, edge
+    masks, the transposed store, the amax atomics) is checked in CI, not only on the GPU machine."""
+    with triton_interpreter():
         yield
 
 

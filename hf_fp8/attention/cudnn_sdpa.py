@@ -39,6 +39,9 @@ _cudnn = None  # the imported `cudnn` module, once `status()` found it usable
 _STATUS: dict[int, str | None] = {}  # CUDA device index -> why the cuDNN kernel cannot run there (None: it can)
 KERNEL_ENV = "HF_FP8_ATTENTION_KERNEL"  # which FP8 attention kernel runs (see kernels.py)
 KERNEL_CHOICES = ("auto", "cudnn", "triton", "reference")
+# Why a call is not sent to cuDNN under torch.use_deterministic_algorithms(True) (see kernel_for).
+DETERMINISTIC_REASON = ("torch.use_deterministic_algorithms(True) is set and cuDNN's FP8 attention backward has no "
+                        "deterministic mode on Hopper")  # fmt: skip
 
 
 def kernel_choice() -> str:
@@ -123,10 +126,6 @@ def kernel_for(query: torch.Tensor, key: torch.Tensor, attention_mask, is_causal
         # its deterministic variant on Blackwell only; hf_fp8's Triton backward is deterministic.
         return "reference", DETERMINISTIC_REASON
     return "cudnn", ""
-
-
-DETERMINISTIC_REASON = ("torch.use_deterministic_algorithms(True) is set and cuDNN's FP8 attention backward has no "
-                        "deterministic mode on Hopper")  # fmt: skip
 
 
 # ---- graphs ---------------------------------------------------------------------------------------
