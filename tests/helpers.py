@@ -16,6 +16,14 @@ from torch import nn
 import hf_fp8
 
 
+def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio of `test` against the higher-precision `ref`, in dB (FP64
+    arithmetic); a NaN or inf in `test` fails the calling test here, so it can never pass."""
+    ref, test = ref.double(), test.double()
+    assert torch.isfinite(test).all(), "NaN/inf in the FP8 result"
+    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
+
+
 def structured_batches(steps: int, batch: int = 2, seq: int = 32, alphabet: int = 64, noise: float = 0.1, seed: int = 0):
     """Fixed random-but-learnable data: each sequence follows a fixed random permutation of the
     first `alphabet` token ids (next = perm[current]); `noise` of the positions are replaced by a

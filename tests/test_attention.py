@@ -18,15 +18,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 import hf_fp8
 from hf_fp8.attention import hf_fp8_attention_forward, new_attention_scales
-from helpers import final_loss, structured_batches, train_losses
+from helpers import final_loss, sqnr, structured_batches, train_losses
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.float(), test.float()
-    assert torch.isfinite(test).all(), "NaN/inf in FP8 attention result"
-    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
 
 
 class _Attention(nn.Module):

@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import hf_fp8
 from hf_fp8.attention import cudnn_sdpa, new_attention_scales
 from hf_fp8.attention.reference import fp8_attention_reference
-from helpers import final_loss, run_steps, structured_batches
+from helpers import final_loss, run_steps, sqnr, structured_batches
 
 def _why_skip() -> str | None:
     if not torch.cuda.is_available():
@@ -33,12 +33,6 @@ def _why_skip() -> str | None:
 
 
 pytestmark = pytest.mark.skipif(_why_skip() is not None, reason=str(_why_skip()))
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.float(), test.float()
-    assert torch.isfinite(test).all(), "NaN/inf in FP8 attention result"
-    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
 
 
 class _Attention(nn.Module):

@@ -27,15 +27,9 @@ import transformers
 import hf_fp8
 from hf_fp8.attention import cudnn_sdpa, kernels, new_attention_scales, triton_flash
 from hf_fp8.attention.reference import _DQ, _DS, fp8_attention_reference
-from helpers import final_loss, run_steps, structured_batches, triton_interpreter
+from helpers import final_loss, run_steps, sqnr, structured_batches, triton_interpreter
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it on Linux x86-64)")
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.double(), test.double()
-    assert torch.isfinite(test).all(), "NaN/inf in FP8 attention result"
-    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
 
 
 # ---- the interpreter ----------------------------------------------------------------------------

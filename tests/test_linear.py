@@ -13,17 +13,12 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_fp8
 from hf_fp8.linear import FP8Conv1D
+from helpers import sqnr
 
 MIN_SQNR_DB = 20.0
 # CI runs the CPU cases; on the GPU machine the same tests run on CUDA too (torch._scaled_mm there
 # has real layout and alignment rules the CPU kernel does not).
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-
-
-def sqnr(ref: torch.Tensor, test: torch.Tensor) -> float:
-    ref, test = ref.float(), test.float()
-    assert torch.isfinite(test).all(), "NaN/inf in FP8 result"
-    return (20 * torch.log10(ref.norm() / (ref - test).norm())).item()
 
 
 def run_pair(fp8_layer, ref_layer, x, grad_out, autocast=False):
