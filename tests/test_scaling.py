@@ -536,11 +536,9 @@ def test_amax_of_reduces_long_rows_in_pieces_of_amax_chunk():
     assert first_amax_input_shape(torch.randn(8, 1536)) == (8, 1536)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU (Triton) fusion is what is checked")
-def test_compiled_cast_of_a_long_row_runs_without_a_loop_over_the_row():
-    """SiLU(gate) * up at the 8B FFN width (14336): with the amax per whole row inductor emitted a
-    looping reduction kernel (`triton_red`, 2.5 TB/s in the training step); in pieces of 1024 it is a
-    persistent one (`triton_per`) that also holds the SiLU and the cast."""
+def _compiled_silu_mul_cast(rows: int, cols: int):
+    """SiLU(gate) * up with its amax and E4M3 cast (scale 8) compiled on the GPU: (the FP8 output, the
+    names of the Triton kernels that read gate and up, h in FP32, the recorded amax)."""
     from torch._inductor.utils import run_and_get_code
 
     from hf_fp8.scaling import amax_of
@@ -550,13 +548,22 @@ def test_compiled_cast_of_a_long_row_runs_without_a_loop_over_the_row():
         pending.copy_(torch.maximum(pending, amax_of(h)))
         return (h.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
 
-    g, u = (torch.randn(512, 14336, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    g, u = (torch.randn(rows, cols, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     pending, scale = torch.zeros((), device="cuda"), torch.tensor(8.0, device="cuda")
     torch._dynamo.reset()
     out, (code,) = run_and_get_code(torch.compile(silu_mul_cast, dynamic=False), g, u, scale, pending)
+    # Inductor names each kernel after the ops it runs.
     silu = [k for k in set(re.findall(r"def (triton_\w+)\(", code)) if "silu" in k]
+    return out, silu, torch.nn.functional.silu(g.float()) * u.float(), pending
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="inductor's GPU (Triton) fusion is what is checked")
+def test_compiled_cast_of_a_long_row_runs_without_a_loop_over_the_row():
+    """SiLU(gate) * up at the 8B FFN width (14336): with the amax per whole row inductor emitted a
+    looping reduction kernel (`triton_red`, 2.5 TB/s in the training step); in pieces of 1024 it is a
+    persistent one (`triton_per`) that also holds the SiLU and the cast."""
+    out, silu, h, pending = _compiled_silu_mul_cast(512, 14336)
     assert len(silu) == 1 and silu[0].startswith("triton_per_") and "amax" in silu[0], silu
-    h = torch.nn.functional.silu(g.float()) * u.float()
     assert torch.allclose(pending, h.abs().max(), rtol=1e-2)
     noise = (out.float() / 8.0 - h).pow(2).sum()
     assert 10 * torch.log10(h.pow(2).sum() / noise) > 25  # E4M3 rounding alone gives ~31 dB
@@ -567,23 +574,7 @@ def test_compiled_cast_reads_its_input_once_with_the_amax_in_the_same_kernel():
     """Under torch.compile the amax and the FP8 cast of SiLU(gate) * up must be one kernel: with a
     whole-tensor amax inductor emitted a separate reduction kernel that read gate and up a second
     time (581 us vs 337 us at 16384 x 8192 on an H200)."""
-    from torch._inductor.utils import run_and_get_code
-
-    from hf_fp8.scaling import amax_of
-
-    def silu_mul_cast(g, u, scale, pending):
-        h = torch.nn.functional.silu(g) * u
-        pending.copy_(torch.maximum(pending, amax_of(h)))
-        return (h.float() * scale).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-
-    g, u = (torch.randn(256, 512, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    pending, scale = torch.zeros((), device="cuda"), torch.tensor(8.0, device="cuda")
-    torch._dynamo.reset()
-    out, (code,) = run_and_get_code(torch.compile(silu_mul_cast, dynamic=False), g, u, scale, pending)
-    # Inductor names each kernel after the ops it runs: one kernel must hold SiLU, amax and the cast.
-    kernels = set(re.findall(r"def (triton_\w+)\(", code))
-    silu = [k for k in kernels if "silu" in k]
+    out, silu, h, pending = _compiled_silu_mul_cast(256, 512)
     assert len(silu) == 1 and "amax" in silu[0] and "clamp" in silu[0], f"gate/up read by {silu}"
-    h = torch.nn.functional.silu(g.float()) * u.float()
     assert torch.allclose(pending, h.abs().max(), rtol=1e-2)
     torch.testing.assert_close(out.float(), (h * 8).clamp(-E4M3_MAX, E4M3_MAX), rtol=0.07, atol=0.02)
