@@ -286,10 +286,44 @@ def gpu_busy_ms(args, model, opt, batches, steps: int = 2) -> float:
     return sum(ms for ms, _, _ in _device_kernels(prof, steps))
 
 
+# What a device kernel is, from its name (first match wins): the names cuBLAS (nvjet*), cuDNN,
+# PyTorch, inductor (triton_*) and hf_fp8 give their kernels on the H200. Used to sum a profile by kind.
+_KERNEL_KINDS = (
+    ("attention", ("sdpa", "fmha", "flash", "attention", "cudnn")),
+    ("GEMM", ("nvjet", "gemm", "xmma")),
+    ("optimizer, foreach", ("FusedOptimizer", "multi_tensor_apply")),
+    ("loss", ("SoftMax", "nll_loss")),
+    ("hf_fp8 casts", ("cast_fp8_kernel", "transpose_bytes_kernel")),
+    ("inductor", ("triton_",)),
+)
+
+
+def kernel_kind(name: str) -> str:
+    """The kind of a device kernel named `name` (one of _KERNEL_KINDS' or "other")."""
+    for kind, parts in _KERNEL_KINDS:
+        if any(part in name for part in parts):
+            return kind
+    return "other"
+
+
+def kernels_by_kind(kernels: list[tuple[float, float, str]]) -> dict[str, tuple[float, float]]:
+    """(ms, calls) per step of each kind present in `kernels` (_device_kernels' rows), in
+    _KERNEL_KINDS' order, then "other"."""
+    order = [kind for kind, _ in _KERNEL_KINDS] + ["other"]
+    totals = {kind: [0.0, 0.0] for kind in order}
+    for ms, calls, name in kernels:
+        total = totals[kernel_kind(name)]
+        total[0] += ms
+        total[1] += calls
+    return {kind: (ms, calls) for kind, (ms, calls) in totals.items() if calls}
+
+
 def profile_steps(args, mode, model, opt, batches, steps: int = 3) -> None:
     """3 profiled training steps, written to <profile dir>/: <shape>_<mode>.txt, the profiler's
-    table of the 80 largest ops and kernels, and <shape>_<mode>_kernels.tsv, every device kernel
-    with its time and calls per step (the many small kernels the table cuts off add up)."""
+    table of the 80 largest ops and kernels, <shape>_<mode>_kernels.tsv, every device kernel with
+    its time and calls per step (the many small kernels the table cuts off add up), and
+    <shape>_<mode>_kinds.tsv, those summed by kind (GEMM, attention, inductor's kernels, ...), which
+    is also printed."""
     prof = _profiled_steps(args, model, opt, batches, steps)
     out = Path(args.profile)
     out.mkdir(parents=True, exist_ok=True)
@@ -301,6 +335,11 @@ def profile_steps(args, mode, model, opt, batches, steps: int = 3) -> None:
              f"{sum(ms for ms, _, _ in kernels):.3f} ms per step in all", "ms_per_step\tcalls_per_step\tkernel"]  # fmt: skip
     lines += [f"{ms:.4f}\t{calls:g}\t{name}" for ms, calls, name in kernels]
     (out / f"{args.shape}_{mode}_kernels.tsv").write_text("\n".join(lines) + "\n")
+    kinds = kernels_by_kind(kernels)
+    lines = ["kind\tms_per_step\tcalls_per_step"] + [f"{kind}\t{ms:.4f}\t{calls:g}" for kind, (ms, calls) in kinds.items()]
+    (out / f"{args.shape}_{mode}_kinds.tsv").write_text("\n".join(lines) + "\n")
+    summary = " | ".join(f"{kind} {ms:.2f}" for kind, (ms, _) in kinds.items()) or "no device kernels"
+    print(f"profile {args.shape} {mode}, device kernel ms per step: {summary}", flush=True)
 
 
 def _inductor_options(text: str) -> dict:

@@ -340,7 +340,7 @@ def test_train_step_with_grads_kept_allocated_matches_the_default():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_bench_profile_writes_a_kernel_table_per_mode(tmp_path):
+def test_bench_profile_writes_a_kernel_table_per_mode(tmp_path, capsys):
     main(["bench", "--device", "cpu", "--no-compile", "--shape", "tiny", "--modes", "bf16,hf_fp8", "--seq-len", "32",
           "--batch-size", "2", "--warmup", "1", "--steps", "1", "--quiet", "--profile", str(tmp_path / "prof")])
     for mode in ("bf16", "hf_fp8"):
@@ -350,6 +350,36 @@ def test_bench_profile_writes_a_kernel_table_per_mode(tmp_path):
         assert kernels[:2] == [f"# tiny {mode}: device kernels over 3 profiled steps, 0.000 ms per step in all",
                                "ms_per_step\tcalls_per_step\tkernel"], kernels  # fmt: skip
         assert len(kernels) == 2  # a CPU run: no device kernels
+        kinds = (tmp_path / "prof" / f"tiny_{mode}_kinds.tsv").read_text().splitlines()
+        assert kinds == ["kind\tms_per_step\tcalls_per_step"], kinds
+    assert capsys.readouterr().out.count("device kernel ms per step: no device kernels") == 2
+
+
+def test_bench_kernel_kinds_from_h200_kernel_names():
+    """--profile sums the kernels by kind; the names are those of an 8B-slice hf_fp8 step on the H200
+    (RESULTS (36)), one or two per kind, and the sums keep every kernel."""
+    from hf_fp8.bench import kernel_kind, kernels_by_kind
+
+    rows = [
+        (31.35, 36, "nvjet_sm90_qrtst_128x160_128x5_2x1_v_bz_coopA_algo2_TNT"),
+        (0.0035, 1, "void cutlass::Kernel2<cutlass_80_simt_sgemm_128x32_8x5_nn_align1>(cutlass_80_simt_sgemm_128x32_8x5_nn_align1::Params)"),
+        (12.14, 4, "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x128_1x4x1_cga1x1x1_kernel0_0"),
+        (0.53, 4, "void cudnn::fusion::compute_dot_do_o_specialized<true, 128>(void const*, void const*, void*)"),
+        (4.2, 16, "fp8_attention_bwd_dkdv_kernel"),
+        (6.73, 55, "void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(anonymous namespace)::FusedOptimizerTensorListMetadata<4>>"),
+        (2.13, 1, "void at::native::(anonymous namespace)::cunn_SoftMaxBackward<4, float, float, float>(float*, float const*)"),
+        (2.32, 44, "transpose_bytes_kernel"),
+        (2.96, 4, "triton_red_fused__to_copy_abs_amax_clamp_mul_select_silu_silu_backward_view_4"),
+        (0.11, 106, "Memset (Device)"),
+        (0.93, 13, "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda(at::TensorIteratorBase&)>"),
+    ]
+    kinds = [kernel_kind(name) for _, _, name in rows]
+    assert kinds == ["GEMM", "GEMM", "attention", "attention", "attention", "optimizer, foreach", "loss",
+                     "hf_fp8 casts", "inductor", "other", "other"]  # fmt: skip
+    summed = kernels_by_kind(rows)
+    assert list(summed) == ["attention", "GEMM", "optimizer, foreach", "loss", "hf_fp8 casts", "inductor", "other"]
+    assert summed["GEMM"] == pytest.approx((31.3535, 37)) and summed["other"] == pytest.approx((1.04, 119))
+    assert sum(ms for ms, _ in summed.values()) == pytest.approx(sum(ms for ms, _, _ in rows))
 
 
 def test_bench_profiles_only_after_every_mode_is_timed(tmp_path, monkeypatch):
@@ -403,6 +433,8 @@ def test_bench_on_cuda_reports_gpu_time_within_the_step(tmp_path, graphs):
         per_step = [float(row.split("\t")[0]) for row in rows]
         assert all(ms > 0 for ms in per_step) and per_step == sorted(per_step, reverse=True), (mode, rows)
         assert sum(per_step) == pytest.approx(r["gpu_busy_ms"], rel=0.25), (mode, header)
+        _, *kinds = (tmp_path / "prof" / f"tiny_{mode}_kinds.tsv").read_text().splitlines()
+        assert sum(float(row.split("\t")[1]) for row in kinds) == pytest.approx(sum(per_step), rel=1e-3), kinds
 
 
 def test_bench_fog_shape_is_the_recipe_file():
