@@ -3,7 +3,6 @@ against the reference, bit for bit: compiled on a GPU (CUDA cases: run on the GP
 in Triton's interpreter on the CPU; in eager CUDA mode the FP8 linear reads its operands in the
 layouts the Triton casts write (no transposing copies)."""
 
-
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
