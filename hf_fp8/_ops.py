@@ -21,12 +21,14 @@ import torch
 _LIB = torch.library.Library("hf_fp8", "FRAGMENT")  # other hf_fp8 ops are custom_ops of the same namespace
 
 
-def define_op(schema: str, kernels: dict[str, Callable], fake: Callable):
+def define_op(schema: str, kernels: dict[str, Callable], fake: Callable, tags: tuple[torch.Tag, ...] = ()):
     """Define `hf_fp8::<schema>` with its kernels by dispatch key ("CPU", or
     "CompositeExplicitAutograd" for every device) and a fake (meta) implementation for
-    torch.compile; returns the op's overload, called like a function."""
+    torch.compile; returns the op's overload, called like a function. `tags`: torch.Tag values of
+    the schema, such as `flexible_layout` (inductor passes the op its inputs' buffers as they are
+    rather than copies with the strides of the traced call; see cast._transpose_fp8)."""
     name = schema.split("(", 1)[0]
-    _LIB.define(schema)
+    _LIB.define(schema, tags=tags)
     for key, kernel in kernels.items():
         _LIB.impl(name, kernel, key)
     _LIB.impl(name, torch.library.fallthrough_kernel, "Autograd")

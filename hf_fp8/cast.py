@@ -27,7 +27,7 @@ from torch import nn
 
 from ._ops import define_op
 from ._torchao import to_fp8_saturated
-from .scaling import memory_order
+from .scaling import amax_of, memory_order
 
 FUSED_CAST_ENABLED = os.environ.get("HF_FP8_FUSED_CAST", "1") != "0"
 # Tile of the Triton kernel: 64 x 64 elements, small enough that the transposed store is coalesced
@@ -88,6 +88,9 @@ def _eligible(x: torch.Tensor) -> bool:
 def describe(device: torch.device) -> str:
     """Which cast FP8 layers on `device` run, one line for FP8Report."""
     compiled = "under torch.compile the reference, fused by inductor into the kernels around it"
+    if FUSED_CAST_ENABLED:
+        compiled += (", but weights once the delayed scales are known: one pass writing both layouts and the amax "
+                     "(hf_fp8's cast_weight_fp8 op" + (", the Triton kernel)" if device.type == "cuda" else ")"))
     if device.type != "cuda":
         why = f"{device.type} device"
     elif not FUSED_CAST_ENABLED:
@@ -165,7 +168,12 @@ def _transpose_fp8(y: torch.Tensor) -> torch.Tensor:
     ms per layer, ~10% of the step), and the SwiGLU backward storing three copies (the down
     projection's input, recomputed, and the gate/up grad-outputs) took 1.37 ms per layer at the 8B
     slice, against 0.74 ms without them and ~0.12 ms per copy here. On CUDA with Triton: one tiled
-    kernel; elsewhere aten's copy (the same bytes)."""
+    kernel; elsewhere aten's copy (the same bytes).
+
+    Tagged `flexible_layout`: inductor then hands the op the buffer the cast wrote instead of a
+    stride-fixed copy of its own. With the default constraint, y, also read by a `_scaled_mm` (which
+    has its own), was written twice by the producing kernel, once per consumer (H200, 8B slice: six
+    FP8 tensors per layer; ~0.05 ms per step). Any layout works here (`.contiguous()` above)."""
     y_t = torch.empty(y.shape[1], y.shape[0], dtype=y.dtype, device=y.device)
     if y.is_cuda and y.numel() and triton_fp8_unavailable(_index(y.device)) is None:
         transpose_bytes(y.contiguous(), y_t)
@@ -178,6 +186,33 @@ transpose_fp8 = define_op(
     "transpose_fp8(Tensor y) -> Tensor",
     {"CompositeExplicitAutograd": _transpose_fp8},  # every device; the kernel picks Triton on CUDA
     fake=lambda y: y.new_empty(y.shape[1], y.shape[0]),
+    tags=(torch.Tag.flexible_layout,),
+)
+
+
+def _cast_weight_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
+    """(w8, w8_t, amax): a 2D weight cast to FP8 with a known `scale` in both layouts from one read,
+    and its amax (float32 scalar), the numerics of `cast_fp8_reference` and `scaling.amax_of`. An
+    opaque op (`cast_weight_fp8`) for torch.compile, which otherwise casts a weight twice: cast and
+    amax in forward, then, since the partitioner recomputes rather than keeps the FP8 copy, the cast
+    again with a transposed store in backward (6 bytes moved per parameter where this moves 4). On
+    CUDA with Triton: `cast_fp8_fused`; elsewhere the reference expressions."""
+    if FUSED_CAST_ENABLED and w.is_cuda and w.numel() and _eligible(w.contiguous()):
+        w8, w8_t, amax = cast_fp8_fused(w.contiguous(), scale, dtype, transposed=True)
+        return w8, w8_t, amax
+    w8, w8_t = cast_fp8_reference(w, scale, dtype, transposed=True)
+    return w8, w8_t, amax_of(w)
+
+
+cast_weight_fp8 = define_op(
+    "cast_weight_fp8(Tensor w, Tensor scale, ScalarType dtype) -> (Tensor, Tensor, Tensor)",
+    {"CompositeExplicitAutograd": _cast_weight_fp8},  # every device; the kernel picks Triton on CUDA
+    fake=lambda w, scale, dtype: (
+        w.new_empty(w.shape, dtype=dtype),
+        w.new_empty(w.shape[1], w.shape[0], dtype=dtype),
+        w.new_empty((), dtype=torch.float32),
+    ),
+    tags=(torch.Tag.flexible_layout,),
 )
 
 

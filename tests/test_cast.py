@@ -95,14 +95,17 @@ def test_transpose_fp8_is_the_transposed_copy_bitwise(device, fp8, shape):
 
 
 def test_report_line_names_the_cast(monkeypatch):
-    assert cast.describe(torch.device("cpu")).startswith("eager: the PyTorch reference (cpu device)")
+    line = cast.describe(torch.device("cpu"))
+    assert line.startswith("eager: the PyTorch reference (cpu device)") and "cast_weight_fp8 op)" in line
     monkeypatch.setattr(cast, "FUSED_CAST_ENABLED", False)
-    assert "HF_FP8_FUSED_CAST=0" in cast.describe(torch.device("cuda", 0))
+    line = cast.describe(torch.device("cuda", 0))
+    assert "HF_FP8_FUSED_CAST=0" in line and "cast_weight_fp8" not in line
 
 
 @cuda
 def test_report_line_names_the_triton_cast_on_the_gpu():
-    assert cast.describe(torch.device("cuda")).startswith("eager: one Triton kernel per cast")
+    line = cast.describe(torch.device("cuda"))
+    assert line.startswith("eager: one Triton kernel per cast") and "cast_weight_fp8 op, the Triton kernel)" in line
 
 
 def _check_amax_of_nan_inf_and_empty(device):

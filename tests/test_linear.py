@@ -5,6 +5,7 @@ two; torchao's tensorwise recipe reaches 24-28 dB on such layers).
 """
 
 import copy
+import re
 
 import pytest
 import torch
@@ -307,6 +308,99 @@ def test_compiled_llama_layer_makes_transposed_fp8_copies_with_the_op_from_the_t
     counts = {name: sum(n.op == "call_function" and "transpose_fp8" in str(n.target) for n in gm.graph.nodes)
               for name, gm in graphs.items()}  # fmt: skip
     assert sum(counts.values()) == expected, counts  # forward or backward: the partitioner's choice
+
+
+def _fp8_buffers_written_by_kernels(code: str) -> int:
+    """How many FP8 outputs the fused kernels of inductor's generated `code` write: `at::Float8_*`
+    out_ptr parameters of its C++ kernels (CPU), `*fp8...` out_ptr signature entries of its Triton
+    kernels (CUDA)."""
+    return len(re.findall(r"at::Float8_\w+\*\s+out_ptr\d+", code)) + len(re.findall(r"'out_ptr\d+': '\*fp8", code))
+
+
+def _compiled_steady_state_codes(monkeypatch, device, weight_op: bool) -> list[str]:
+    """Inductor's generated code (forward, backward) of a compiled FP8Linear (128 tokens, transposed
+    copies by transpose_fp8) in the steady state, with the weights cast by cast_weight_fp8 or not."""
+    from torch._inductor.utils import run_and_get_code
+
+    monkeypatch.setattr(hf_fp8.linear, "_TRANSPOSE_OP_MIN_TOKENS", 64)
+    if not weight_op:
+        monkeypatch.setattr(hf_fp8.linear, "_weight_op_applies", lambda state, grad_input: False)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    linear = hf_fp8.FP8Linear(64, 128, bias=False, dtype=torch.bfloat16, device=device)
+    x = torch.randn(128, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
+    compiled = torch.compile(linear)
+
+    def step():
+        compiled(x).float().square().sum().backward()
+        hf_fp8.update_scales(linear)
+
+    for _ in range(3):  # past the first steps' dynamic scales
+        step()
+    with torch._inductor.config.patch(force_disable_caches=True):
+        torch._dynamo.reset()
+        _, codes = run_and_get_code(step)
+    return codes
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("weight_op", [False, True])
+def test_compiled_linear_writes_each_fp8_tensor_once(monkeypatch, device, weight_op):
+    """An FP8 tensor that both a GEMM and transpose_fp8 read was written twice by inductor, from the
+    same kernel: each consumer's stride requirement copied the unrealized cast (8B slice: the o_proj
+    input, the o/down/q/k/v grad-outputs). With transpose_fp8 tagged flexible_layout and the
+    input's copy made before the forward GEMM, a compiled FP8Linear in the steady state writes x8
+    (and w8, unless cast_weight_fp8 casts it) in forward, go8 (and the transposed weight, unless
+    forward's cast_weight_fp8 made it) in backward, once each (3 and 3 FP8 outputs before); the
+    transposed x8 and go8 come from one transpose_fp8 each."""
+    codes = _compiled_steady_state_codes(monkeypatch, device, weight_op)
+    kernel_outputs = [1, 1] if weight_op else [2, 2]
+    assert [_fp8_buffers_written_by_kernels(c) for c in codes] == kernel_outputs
+    assert [c.count("transpose_fp8.default(") for c in codes] == [1, 1]
+    assert [c.count("cast_weight_fp8.default(") for c in codes] == ([1, 0] if weight_op else [0, 0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_training_is_the_same_with_the_weights_cast_by_the_op(monkeypatch, device):
+    """cast_weight_fp8 computes what inductor's weight casts compute (the same expressions on the
+    CPU, the bit-exact Triton cast on CUDA): a compiled Llama layer trained 5 steps (the op from the
+    steady state on) ends with bitwise the same weights, scales and amax histories and the same
+    losses as with inductor's casts."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    runs, op_calls = [], []
+    applies, op = hf_fp8.linear._weight_op_applies, hf_fp8.linear.cast_weight_fp8
+
+    def counted_op(*args):
+        op_calls.append(1)  # at trace time: one per weight per compiled graph
+        return op(*args)
+
+    monkeypatch.setattr(hf_fp8.linear, "cast_weight_fp8", counted_op)
+    for weight_op in (False, True):
+        monkeypatch.setattr(hf_fp8.linear, "_weight_op_applies", applies if weight_op else lambda state, grad_input: False)
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+        hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
+        model.model.layers[0].compile()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        hf_fp8.attach(model, opt)
+        losses = []
+        for step in range(5):
+            ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(step)).to(device)
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert torch.isfinite(loss)
+            losses.append(loss.item())
+        runs.append((losses, [t.detach().clone() for t in model.state_dict().values()]))
+    (losses_a, state_a), (losses_b, state_b) = runs
+    assert len(op_calls) >= 7  # the layer's seven weights went through the op (counted as dynamo traces)
+    assert losses_a == losses_b
+    assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))
 
 
 @pytest.mark.parametrize("compiled", [False, True])

@@ -5,8 +5,9 @@ registration agree with the real kernels, checked by torch.library.opcheck on FP
 import pytest
 import torch
 
-from hf_fp8.cast import transpose_fp8
+from hf_fp8.cast import cast_fp8_reference, cast_weight_fp8, transpose_fp8
 from hf_fp8.linear import scaled_mm_without_onednn
+from hf_fp8.scaling import amax_of
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 CHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
@@ -32,6 +33,26 @@ def test_transpose_fp8_on_meta_tensors_gives_the_transposed_shape():
     y = torch.empty(16, 48, dtype=torch.float8_e4m3fn, device="meta")
     y_t = transpose_fp8(y)
     assert y_t.shape == (48, 16) and y_t.dtype == y.dtype and y_t.is_contiguous()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("fp8", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_cast_weight_fp8_passes_opcheck_and_is_the_reference_cast_in_both_layouts(device, dtype, fp8):
+    """Both layouts bit for bit the reference cast's (the Triton kernel on CUDA), values beyond the
+    FP8 range saturated, and the amax exactly amax_of's."""
+    gen = torch.Generator().manual_seed(4)
+    w = (torch.randn(96, 160, generator=gen) * 3).to(device=device, dtype=dtype)
+    w[5, 7] = 1e6  # saturates
+    scale = torch.tensor(7.0, device=device)
+    torch.library.opcheck(cast_weight_fp8, (w, scale, fp8), test_utils=CHECKS)
+    w8, w8_t, amax = cast_weight_fp8(w, scale, fp8)
+    ref, ref_t = cast_fp8_reference(w, scale, fp8, transposed=True)
+    assert w8.shape == (96, 160) and w8_t.shape == (160, 96) and w8.dtype == w8_t.dtype == fp8
+    assert torch.equal(w8.view(torch.uint8), ref.view(torch.uint8))
+    assert torch.equal(w8_t.view(torch.uint8), ref_t.view(torch.uint8))
+    assert float(w8.float().abs().max()) == torch.finfo(fp8).max
+    assert amax.dtype == torch.float32 and amax.dim() == 0 and torch.equal(amax, amax_of(w))
 
 
 def test_scaled_mm_without_onednn_passes_opcheck_and_matches_the_fp32_product():
