@@ -130,7 +130,8 @@ def _weight_op_applies(state: DelayedScale, grad_input: bool) -> bool:
     amax in one pass; backward reuses the transposed copy) rather than by inductor (cast and amax in
     forward, cast again with a transposed store in backward): under torch.compile, once the delayed
     scale is known (the cast then does not wait for the weight's amax), when backward needs the
-    transposed copy (`grad_input`), unless HF_FP8_FUSED_CAST=0 asks for the reference casts.
+    transposed copy (`grad_input`), unless HF_FP8_FUSED_CAST=0 asks for the reference casts (and
+    unless FP8Recipe.cast_weights_once is False: fp8_matmul asks only then).
     H200, kernel time per step (RESULTS (37)): 8B slice -0.7 ms, 1.5B with FP8 attention -1.3 ms;
     peak memory +0.8 / +1.0 GiB (the transposed copy is kept for backward), still under BF16's."""
     return cast.FUSED_CAST_ENABLED and torch.compiler.is_compiling() and state.updated_on_host and grad_input
@@ -206,7 +207,7 @@ class _FP8GEMMs(torch.autograd.Function):
 
 
 def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, record: bool,
-               input_state: DelayedScale | None = None) -> torch.Tensor:  # fmt: skip
+               input_state: DelayedScale | None = None, cast_weight_once: bool = True) -> torch.Tensor:  # fmt: skip
     """x (..., K) @ weight_t (K, N) -> (..., N) in x's dtype, all three GEMMs in FP8.
 
     `weight_t` is nn.Linear's weight transposed (a view) or GPT-2 Conv1D's weight as stored.
@@ -215,6 +216,8 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     see FP8Recipe.share_input_scales), and record x's amax there too, so the shared scale covers
     every sibling's input. All siblings' casts are then one expression, which torch.compile
     computes once.
+    `cast_weight_once`: let _weight_op_applies cast the weight in both layouts at once
+    (FP8Recipe.cast_weights_once).
     A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
     used as is: not re-cast, and its amax is not recorded here."""
     shape = x.shape
@@ -244,7 +247,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
             w8_nk, w8_kn, w_inv = weight_t._data.t().contiguous(), None, weight_t._scale.reciprocal()
-        elif linear_layout and _weight_op_applies(state, grad and x.requires_grad):
+        elif linear_layout and cast_weight_once and _weight_op_applies(state, grad and x.requires_grad):
             w8_nk, w8_kn, w_amax = cast_weight_fp8(w_stored, state.scale[_WEIGHT], state.dtypes[_WEIGHT])
             w_inv = state.inverse(_WEIGHT)
         elif linear_layout:
@@ -338,7 +341,8 @@ class FP8Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _autocast_input(x)
-        out = fp8_matmul(x, self.weight.t(), self.fp8_scale, record=self.training, input_state=self._shared_input_scale)
+        out = fp8_matmul(x, self.weight.t(), self.fp8_scale, record=self.training, input_state=self._shared_input_scale,
+                         cast_weight_once=self.recipe.cast_weights_once)  # fmt: skip
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

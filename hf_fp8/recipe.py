@@ -47,6 +47,12 @@ class FP8Recipe:
         amax histories are identical anyway). Siblings are found by name; in cross-attention
         (q reads the decoder) only k/v share. Set False for a model whose same-named siblings
         read different tensors, to keep one scale per linear.
+    cast_weights_once: under torch.compile, once the delayed scales are known, cast each linear's
+        weight in one pass into both FP8 layouts (and its amax) and keep the transposed copy for
+        backward, instead of casting the BF16 weight again there: less GPU work (H200: 0.7 ms per
+        8B-slice step, 1.3 ms at 1.5B), 1 byte per parameter more memory until backward. Set False
+        where that memory counts, and with FSDP unless its weights are all-gathered in FP8 (the kept
+        copies are of the unsharded weights; Accelerate's FSDP preparation sets False itself).
     """
 
     fp8_format: str = "hybrid"
@@ -57,6 +63,7 @@ class FP8Recipe:
     skip: tuple[str, ...] = DEFAULT_SKIP
     on_nonfinite_amax: str = "warn"
     share_input_scales: bool = True
+    cast_weights_once: bool = True
 
     def __post_init__(self):
         # YAML/JSON give lists; a frozen dataclass needs a hashable tuple.
@@ -77,6 +84,7 @@ class FP8Recipe:
                 raise TypeError(f"FP8Recipe.skip must hold non-empty strings (module-name patterns), got {pattern!r}")
         _check_choice("on_nonfinite_amax", self.on_nonfinite_amax, _ON_NONFINITE)
         _check_type("share_input_scales", self.share_input_scales, bool)
+        _check_type("cast_weights_once", self.cast_weights_once, bool)
 
     @property
     def forward_dtype(self) -> torch.dtype:

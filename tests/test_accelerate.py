@@ -391,6 +391,22 @@ def test_fsdp2_fp8_all_gather_wraps_weights_and_keeps_them_in_the_optimizer(fres
     assert all(not torch.equal(b, w.detach()) for b, w in zip(before, wrapped))
 
 
+@pytest.mark.parametrize("all_gather", [False, True])
+def test_fsdp_preparation_turns_cast_weights_once_off_unless_weights_are_gathered_in_fp8(fresh_accelerate, all_gather):
+    """Under FSDP the FP8 copies cast_weights_once keeps for backward would be of the unsharded
+    weights, in every layer: prepare converts with cast_weights_once=False there, except when FSDP2
+    all-gathers FP8 weights (fp8_matmul then uses those as they come). Without FSDP it stays on."""
+    model = train_script.build_model()
+    hf_fp8_accelerate.enable(RECIPE, fsdp_fp8_all_gather=all_gather)
+    hf_fp8_accelerate._convert(_FSDP2Accelerator(), model)
+    layers = [m for m in model.modules() if isinstance(m, hf_fp8.FP8Linear)]
+    assert layers and all(m.recipe.cast_weights_once is all_gather for m in layers)
+    assert hf_fp8_accelerate.resolve_recipe().cast_weights_once  # the user's recipe is not changed
+    plain = train_script.build_model()
+    hf_fp8_accelerate._convert(Accelerator(mixed_precision="fp8", cpu=True), plain)
+    assert all(m.recipe.cast_weights_once for m in plain.modules() if isinstance(m, hf_fp8.FP8Linear))
+
+
 def test_fsdp_fp8_all_gather_option_is_ignored_without_fsdp2_and_validated(fresh_accelerate, monkeypatch):
     hf_fp8_accelerate.enable(RECIPE)
     monkeypatch.setenv(hf_fp8_accelerate.ENV_FSDP_FP8_ALL_GATHER, "1")

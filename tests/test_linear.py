@@ -319,15 +319,15 @@ def _fp8_buffers_written_by_kernels(code: str) -> int:
 
 def _compiled_steady_state_codes(monkeypatch, device, weight_op: bool) -> list[str]:
     """Inductor's generated code (forward, backward) of a compiled FP8Linear (128 tokens, transposed
-    copies by transpose_fp8) in the steady state, with the weights cast by cast_weight_fp8 or not."""
+    copies by transpose_fp8) in the steady state, with the weight cast by cast_weight_fp8
+    (FP8Recipe.cast_weights_once) or not."""
     from torch._inductor.utils import run_and_get_code
 
     monkeypatch.setattr(hf_fp8.linear, "_TRANSPOSE_OP_MIN_TOKENS", 64)
-    if not weight_op:
-        monkeypatch.setattr(hf_fp8.linear, "_weight_op_applies", lambda state, grad_input: False)
     torch._dynamo.reset()
     torch.manual_seed(0)
-    linear = hf_fp8.FP8Linear(64, 128, bias=False, dtype=torch.bfloat16, device=device)
+    recipe = hf_fp8.FP8Recipe(cast_weights_once=weight_op)
+    linear = hf_fp8.FP8Linear(64, 128, bias=False, dtype=torch.bfloat16, device=device, recipe=recipe)
     x = torch.randn(128, 64, dtype=torch.bfloat16, device=device, requires_grad=True)
     compiled = torch.compile(linear)
 
@@ -371,19 +371,18 @@ def test_compiled_training_is_the_same_with_the_weights_cast_by_the_op(monkeypat
     config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
                                       num_key_value_heads=2, vocab_size=128)  # fmt: skip
     runs, op_calls = [], []
-    applies, op = hf_fp8.linear._weight_op_applies, hf_fp8.linear.cast_weight_fp8
+    op = hf_fp8.linear.cast_weight_fp8
 
     def counted_op(*args):
-        op_calls.append(1)  # at trace time: one per weight per compiled graph
+        op_calls.append(1)  # at trace time
         return op(*args)
 
     monkeypatch.setattr(hf_fp8.linear, "cast_weight_fp8", counted_op)
     for weight_op in (False, True):
-        monkeypatch.setattr(hf_fp8.linear, "_weight_op_applies", applies if weight_op else lambda state, grad_input: False)
         torch._dynamo.reset()
         torch.manual_seed(0)
         model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
-        hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
+        hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True, cast_weights_once=weight_op))
         model.model.layers[0].compile()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         hf_fp8.attach(model, opt)
@@ -397,8 +396,9 @@ def test_compiled_training_is_the_same_with_the_weights_cast_by_the_op(monkeypat
             assert torch.isfinite(loss)
             losses.append(loss.item())
         runs.append((losses, [t.detach().clone() for t in model.state_dict().values()]))
+        # The op ran for the layer's seven weights only with cast_weights_once (counted as traced).
+        assert (len(op_calls) >= 7) if weight_op else not op_calls
     (losses_a, state_a), (losses_b, state_b) = runs
-    assert len(op_calls) >= 7  # the layer's seven weights went through the op (counted as dynamo traces)
     assert losses_a == losses_b
     assert all(torch.equal(a, b) for a, b in zip(state_a, state_b))
 

@@ -44,6 +44,7 @@ def test_frozen():
         ({"skip": ["lm_head", 3]}, TypeError, "skip must hold non-empty strings"),
         ({"on_nonfinite_amax": "ignore"}, ValueError, "on_nonfinite_amax must be one of 'warn', 'raise', 'skip'"),
         ({"share_input_scales": "yes"}, TypeError, "share_input_scales must be bool, got str"),
+        ({"cast_weights_once": 1}, TypeError, "cast_weights_once must be bool, got int"),
     ],
 )
 def test_bad_fields_name_the_field_and_allowed_values(fields, error, message):

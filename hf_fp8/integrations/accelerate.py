@@ -180,6 +180,13 @@ def fsdp_fp8_all_gather_wanted(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
 
 
+def _runs_fsdp(accelerator) -> bool:
+    """Whether `accelerator` shards the model with FSDP (1 or 2)."""
+    from accelerate.utils import DistributedType
+
+    return getattr(accelerator, "distributed_type", None) == DistributedType.FSDP
+
+
 def uses_hf_fp8(accelerator) -> bool:
     """Whether `accelerator` trains in FP8 with hf_fp8 (enabled, mixed precision fp8, no explicit
     Accelerate FP8 backend)."""
@@ -328,22 +335,27 @@ def _convert(accelerator, model: nn.Module) -> None:
     if any(m is raw for m, _, _ in models):
         return
     recipe = resolve_recipe()
+    all_gather_fp8 = fsdp_fp8_all_gather_wanted(accelerator)
+    note = ""
+    if _runs_fsdp(accelerator) and not all_gather_fp8 and recipe.cast_weights_once:
+        # Kept for backward, the weights' FP8 copies would be of the unsharded weights, in every layer.
+        recipe = recipe.replace(cast_weights_once=False)
+        note = "; cast_weights_once off under FSDP (no FP8 all-gather)"
     # Idempotent: layers the user converted already are kept (and reported as FP8). Raises if no
     # layer can run in FP8, so there is no silent BF16 run.
     report = convert_model(raw, recipe)
     # update_scales keeps the FP8 buffers identical across ranks; DDP's broadcast would re-send them
     # and, between micro-batches outside no_sync, drop this rank's amaxes.
     ddp_ignore_fp8_buffers(raw)
-    all_gather = ""
-    if fsdp_fp8_all_gather_wanted(accelerator):
+    if all_gather_fp8:
         n = _enable_fp8_all_gather(accelerator, raw)
-        all_gather = f"; FSDP2 all-gathers {n} FP8 weights in FP8 with their delayed scales"
+        note = f"; FSDP2 all-gathers {n} FP8 weights in FP8 with their delayed scales"
     models.append((raw, report, recipe))
     raw.hf_fp8_report = report
     if accelerator.is_local_main_process:
         print(
             f"hf_fp8: Accelerator.prepare converted {type(raw).__name__} to FP8 "
-            f"(Accelerate's own FP8 backends bypassed; non-FP8 ops under bf16 autocast{all_gather})\n{report}",
+            f"(Accelerate's own FP8 backends bypassed; non-FP8 ops under bf16 autocast{note})\n{report}",
             flush=True,
         )
 
