@@ -197,9 +197,9 @@ def _cast_weight_fp8(w: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype):
     amax in forward, then, since the partitioner recomputes rather than keeps the FP8 copy, the cast
     again with a transposed store in backward (6 bytes moved per parameter where this moves 4). On
     CUDA with Triton: `cast_fp8_fused`; elsewhere the reference expressions."""
-    if FUSED_CAST_ENABLED and w.is_cuda and w.numel() and _eligible(w.contiguous()):
-        w8, w8_t, amax = cast_fp8_fused(w.contiguous(), scale, dtype, transposed=True)
-        return w8, w8_t, amax
+    w = w.contiguous()
+    if fused_cast_applies(w):  # the op runs eagerly, also inside a compiled graph
+        return cast_fp8_fused(w, scale, dtype, transposed=True)
     w8, w8_t = cast_fp8_reference(w, scale, dtype, transposed=True)
     return w8, w8_t, amax_of(w)
 

@@ -125,16 +125,17 @@ def _pad_tokens(t: torch.Tensor) -> torch.Tensor:
 _TRANSPOSE_OP_MIN_TOKENS = 4096
 
 
-def _weight_op_applies(state: DelayedScale, grad_input: bool) -> bool:
+def _weight_op_applies(state: DelayedScale, grad_input: bool, cast_weight_once: bool) -> bool:
     """Whether fp8_matmul casts the weight with the opaque cast.cast_weight_fp8 (both layouts and the
     amax in one pass; backward reuses the transposed copy) rather than by inductor (cast and amax in
     forward, cast again with a transposed store in backward): under torch.compile, once the delayed
     scale is known (the cast then does not wait for the weight's amax), when backward needs the
-    transposed copy (`grad_input`), unless HF_FP8_FUSED_CAST=0 asks for the reference casts (and
-    unless FP8Recipe.cast_weights_once is False: fp8_matmul asks only then).
+    transposed copy (`grad_input`), unless FP8Recipe.cast_weights_once (`cast_weight_once`) is
+    False or HF_FP8_FUSED_CAST=0 asks for the reference casts.
     H200, kernel time per step (RESULTS (37)): 8B slice -0.7 ms, 1.5B with FP8 attention -1.3 ms;
     peak memory +0.8 / +1.0 GiB (the transposed copy is kept for backward), still under BF16's."""
-    return cast.FUSED_CAST_ENABLED and torch.compiler.is_compiling() and state.updated_on_host and grad_input
+    return (cast_weight_once and cast.FUSED_CAST_ENABLED and torch.compiler.is_compiling() and state.updated_on_host
+            and grad_input)  # fmt: skip
 
 
 class _FP8GEMMs(torch.autograd.Function):
@@ -216,8 +217,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
     see FP8Recipe.share_input_scales), and record x's amax there too, so the shared scale covers
     every sibling's input. All siblings' casts are then one expression, which torch.compile
     computes once.
-    `cast_weight_once`: let _weight_op_applies cast the weight in both layouts at once
-    (FP8Recipe.cast_weights_once).
+    `cast_weight_once`: FP8Recipe.cast_weights_once (see _weight_op_applies).
     A `weight_t` that is already a torchao Float8TrainingTensor (hf_fp8.fsdp's FP8 all-gather) is
     used as is: not re-cast, and its amax is not recorded here."""
     shape = x.shape
@@ -247,7 +247,7 @@ def fp8_matmul(x: torch.Tensor, weight_t: torch.Tensor, state: DelayedScale, rec
             # Already FP8 (FSDP2 FP8 all-gather, hf_fp8.fsdp): cast, and its amax recorded, before the
             # all-gather. Its data is the (K, N) transpose of the gathered (N, K) weight.
             w8_nk, w8_kn, w_inv = weight_t._data.t().contiguous(), None, weight_t._scale.reciprocal()
-        elif linear_layout and cast_weight_once and _weight_op_applies(state, grad and x.requires_grad):
+        elif linear_layout and _weight_op_applies(state, grad and x.requires_grad, cast_weight_once):
             w8_nk, w8_kn, w_amax = cast_weight_fp8(w_stored, state.scale[_WEIGHT], state.dtypes[_WEIGHT])
             w_inv = state.inverse(_WEIGHT)
         elif linear_layout:

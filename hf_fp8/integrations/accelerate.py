@@ -173,11 +173,7 @@ def fsdp_fp8_all_gather_wanted(accelerator) -> bool:
         if value not in ("0", "1", "true", "false", "yes", "no", "on", "off", ""):
             raise ValueError(f"{ENV_FSDP_FP8_ALL_GATHER}={value!r}: expected 1/0 (true/false)")
         wanted = value in ("1", "true", "yes", "on")
-    if not wanted:
-        return False
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.FSDP and bool(getattr(accelerator, "is_fsdp2", False))
+    return wanted and _runs_fsdp(accelerator) and bool(getattr(accelerator, "is_fsdp2", False))
 
 
 def _runs_fsdp(accelerator) -> bool:
