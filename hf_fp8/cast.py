@@ -13,8 +13,10 @@ and gradients transposed, in FP8. Two implementations with the same numerics (bi
                       intermediates, and aten's transposing copy of a 1-byte tensor is slow (H200,
                       16384 x 8192: 865 us, against 84 us as a tiled Triton copy).
 
-`fused_cast_applies(x)` says which one a call gets. Set HF_FP8_FUSED_CAST=0 to always use the
-reference (A/B comparisons; the Triton kernel is tested against it on the GPU).
+`fused_cast_applies(x)` says which one a call gets. Under torch.compile on such GPUs, an inductor
+pass (hf_fp8._inductor_pass, installed on import) also drops the reference's clamp where the
+generated conversion saturates by itself. Set HF_FP8_FUSED_CAST=0 to always use the reference as it
+is (A/B comparisons; the Triton kernel is tested against it on the GPU).
 """
 
 from __future__ import annotations
@@ -25,11 +27,14 @@ import os
 import torch
 from torch import nn
 
+from . import _inductor_pass
 from ._ops import define_op
 from ._torchao import to_fp8_saturated
 from .scaling import amax_of, memory_order
 
 FUSED_CAST_ENABLED = os.environ.get("HF_FP8_FUSED_CAST", "1") != "0"
+if FUSED_CAST_ENABLED:
+    _inductor_pass.install()
 # Tile of the Triton kernel: 64 x 64 elements, small enough that the transposed store is coalesced
 # through shared memory; one amax atomic per tile.
 _BLOCK = 64
@@ -87,7 +92,10 @@ def _eligible(x: torch.Tensor) -> bool:
 
 def describe(device: torch.device) -> str:
     """Which cast FP8 layers on `device` run, one line for FP8Report."""
-    compiled = "under torch.compile the reference, fused by inductor into the kernels around it"
+    compiled = "under torch.compile the reference"
+    if FUSED_CAST_ENABLED and _inductor_pass.installed() and _inductor_pass.converts_saturating(device):
+        compiled += " without its clamp (the generated conversion saturates; hf_fp8's inductor pass)"
+    compiled += ", fused by inductor into the kernels around it"
     if FUSED_CAST_ENABLED:
         compiled += (", but weights once the delayed scales are known: one pass writing both layouts and the amax "
                      "(hf_fp8's cast_weight_fp8 op" + (", the Triton kernel)" if device.type == "cuda" else ")"))

@@ -106,6 +106,7 @@ def test_report_line_names_the_cast(monkeypatch):
 def test_report_line_names_the_triton_cast_on_the_gpu():
     line = cast.describe(torch.device("cuda"))
     assert line.startswith("eager: one Triton kernel per cast") and "cast_weight_fp8 op, the Triton kernel)" in line
+    assert "without its clamp (the generated conversion saturates; hf_fp8's inductor pass)" in line
 
 
 def _check_amax_of_nan_inf_and_empty(device):
