@@ -162,12 +162,15 @@ def main(argv: list[str] | None = None):
             # gradient to a contiguous layout (~0.1 ms at 8192 on the H200).
             call = fn if args.eager else torch.compile(fn, dynamic=False)
             try:
+                # The kernel that takes the call, decided outside torch.compile as converting a model
+                # does in training (traced, the first device check made dynamo break the graph).
+                chosen_kernel = kernels.kernel_for(q, k, None, True)[0] if kernel is not None else None
                 row[name] = time_fwd_bwd(call, module, q, k, v, grad, args.warmup, args.iters, kernel is not None)
             except Exception as e:  # e.g. cudnn forced at a head dim it declines: record and go on
                 print(f"{case:<18} {name:>10} failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
                 continue
             if kernel is not None:
-                row[name]["kernel"] = kernels.kernel_for(q, k, None, True)[0]
+                row[name]["kernel"] = chosen_kernel
             if args.profile and kernel is not None:
                 profile_fp8(call, module, q, k, v, grad, Path(args.profile), f"{case}_{name}")
         sdpa = row["sdpa_bf16"]

@@ -66,6 +66,33 @@ def run_steps(model: nn.Module, opt: torch.optim.Optimizer, batches, device_type
     return losses
 
 
+def train_compiled_llama_layer(device: str, recipe: hf_fp8.FP8Recipe, steps: int = 5):
+    """A 1-layer BF16 Llama (width 64) converted with `recipe`, its decoder layer compiled, trained
+    `steps` AdamW steps on fixed random tokens (2 x 32): (losses, copies of the state dict's tensors),
+    for comparing two compiled variants bit for bit. Resets dynamo first."""
+    import transformers
+
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    hf_fp8.convert_model(model, recipe)
+    model.model.layers[0].compile()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    hf_fp8.attach(model, opt)
+    losses = []
+    for step in range(steps):
+        ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(step)).to(device)
+        loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert torch.isfinite(loss)
+        losses.append(loss.item())
+    return losses, [t.detach().clone() for t in model.state_dict().values()]
+
+
 def final_loss(losses: list[float]) -> float:
     """Mean of the last 5 steps: single steps are noisy."""
     return sum(losses[-5:]) / 5

@@ -12,6 +12,7 @@ from torch._inductor.utils import run_and_get_code
 
 import hf_fp8
 from hf_fp8 import _inductor_pass, cast
+from helpers import train_compiled_llama_layer
 
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA (the H200 runs these)")
@@ -162,32 +163,12 @@ def test_install_runs_after_a_pass_set_before_and_keys_the_cache_on_both(monkeyp
 def test_compiled_training_is_bitwise_the_same_without_the_clamps(monkeypatch):
     """A compiled Llama layer trained 5 steps on the GPU ends with bitwise the same losses, weights,
     scales and amax histories with the pass as without it."""
-    import transformers
-
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
     monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
     runs = []
     for with_pass in (False, True):
         monkeypatch.setattr(torch._inductor.config, "post_grad_custom_post_pass",
                             _inductor_pass.DropSaturatingClamps() if with_pass else None)  # fmt: skip
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16)
-        hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True))
-        model.model.layers[0].compile()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        hf_fp8.attach(model, opt)
-        losses = []
-        for step in range(5):
-            ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(step)).cuda()
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            assert torch.isfinite(loss)
-            losses.append(loss.item())
-        runs.append((losses, [t.detach().clone() for t in model.state_dict().values()]))
+        runs.append(train_compiled_llama_layer("cuda", hf_fp8.FP8Recipe(share_input_scales=True)))
     torch._dynamo.reset()
     (losses_a, state_a), (losses_b, state_b) = runs
     assert losses_a == losses_b

@@ -14,7 +14,7 @@ from transformers.pytorch_utils import Conv1D
 
 import hf_fp8
 from hf_fp8.linear import FP8Conv1D
-from helpers import sqnr
+from helpers import sqnr, train_compiled_llama_layer
 
 MIN_SQNR_DB = 20.0
 # CI runs the CPU cases; on the GPU machine the same tests run on CUDA too (torch._scaled_mm there
@@ -366,10 +366,6 @@ def test_compiled_training_is_the_same_with_the_weights_cast_by_the_op(monkeypat
     CPU, the bit-exact Triton cast on CUDA): a compiled Llama layer trained 5 steps (the op from the
     steady state on) ends with bitwise the same weights, scales and amax histories and the same
     losses as with inductor's casts."""
-    import transformers
-
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128)  # fmt: skip
     runs, op_calls = [], []
     op = hf_fp8.linear.cast_weight_fp8
 
@@ -379,23 +375,7 @@ def test_compiled_training_is_the_same_with_the_weights_cast_by_the_op(monkeypat
 
     monkeypatch.setattr(hf_fp8.linear, "cast_weight_fp8", counted_op)
     for weight_op in (False, True):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = transformers.LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
-        hf_fp8.convert_model(model, hf_fp8.FP8Recipe(share_input_scales=True, cast_weights_once=weight_op))
-        model.model.layers[0].compile()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        hf_fp8.attach(model, opt)
-        losses = []
-        for step in range(5):
-            ids = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(step)).to(device)
-            loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-            assert torch.isfinite(loss)
-            losses.append(loss.item())
-        runs.append((losses, [t.detach().clone() for t in model.state_dict().values()]))
+        runs.append(train_compiled_llama_layer(device, hf_fp8.FP8Recipe(share_input_scales=True, cast_weights_once=weight_op)))
         # The op ran for the layer's seven weights only with cast_weights_once (counted as traced).
         assert (len(op_calls) >= 7) if weight_op else not op_calls
     (losses_a, state_a), (losses_b, state_b) = runs
