@@ -5,14 +5,17 @@ import statistics
 import torch
 
 
-def median_us(fn, warmup: int = 3, iters: int = 30) -> float:
+def median_us(fn, warmup: int = 3, iters: int = 30, before=None) -> float:
     """Median GPU time of one `fn()` call in microseconds, over `iters` calls after `warmup` calls,
-    each timed alone between two CUDA events."""
+    each timed alone between two CUDA events; `before()`, if given, runs ahead of each timed call,
+    outside the events."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
+        if before is not None:
+            before()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()

@@ -18,9 +18,9 @@ instructions run up to 30% slower there than alone).
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
+from _cuda_timing import median_us
 
 from hf_fp8.cast import cast_fp8_reference
 
@@ -34,23 +34,6 @@ TRANSPOSE_TILES = [(64, 128, 4), (128, 128, 4), (128, 128, 8), (64, 256, 4), (12
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def time_us(fn, before=None, warmup: int = 3, iters: int = 30) -> float:
-    """Median GPU time of fn() in us, each call alone between two events, `before()` run first."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if before is not None:
-            before()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    return statistics.median(times)
 
 
 def cast_variant(x, scale, bm, bn, warps):
@@ -111,7 +94,7 @@ def main() -> None:
                 run()
                 exact = torch.equal(y.view(torch.uint8), ref.view(torch.uint8)) and torch.equal(
                     y_t.view(torch.uint8), ref_t.view(torch.uint8)) and amax.view(torch.float32) == x.abs().max().float()  # fmt: skip
-                us = time_us(run, before)
+                us = median_us(run, before=before)
                 first = first or us
                 tb = x.numel() * 4 / us / 1e6
                 flag = "" if exact else "  MISMATCH"
@@ -125,7 +108,7 @@ def main() -> None:
                 run, y_t = transpose_variant(y, bm, bn, warps)
                 run()
                 exact = torch.equal(y_t.view(torch.uint8), ref_t)
-                us = time_us(run, before)
+                us = median_us(run, before=before)
                 first = first or us
                 tb = y.numel() * 2 / us / 1e6
                 flag = "" if exact else "  MISMATCH"
