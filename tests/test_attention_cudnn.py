@@ -23,7 +23,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 import hf_fp8
 from hf_fp8.attention import cudnn_sdpa, new_attention_scales
 from hf_fp8.attention.reference import fp8_attention_reference
-from helpers import final_loss, run_steps, sqnr, structured_batches
+from helpers import OPCHECK_UTILS, final_loss, run_steps, sqnr, structured_batches
 
 def _why_skip() -> str | None:
     if not torch.cuda.is_available():
@@ -97,6 +97,25 @@ def test_kernel_matches_reference_and_sdpa(name):
         hf_fp8.update_scales(ref_state)
     assert state.initialized.all()
     torch.testing.assert_close(state.scale, ref_state.scale, rtol=0.02, atol=0)
+
+
+def test_cudnn_ops_pass_opcheck_and_fake_matches_the_kernel():
+    """The two cuDNN ops (Library-defined) against their fake implementations and schemas: output
+    shapes, strides (BSHD memory) and dtypes, as torch.compile sees them, and no autograd formula
+    needed. The amaxes are finite and positive for random inputs."""
+    q, k, v, do = (t.to(torch.float8_e4m3fn) for t in _inputs(1, 4, 2, 256, 128))
+    do = do.transpose(1, 2)
+    one = torch.ones(1, 1, 1, 1, device="cuda")
+    fwd_args = (q, k, v, *[one] * 6, 128**-0.5, True)
+    torch.library.opcheck(cudnn_sdpa.cudnn_fp8_sdpa_fwd, fwd_args, test_utils=OPCHECK_UTILS)
+    o8, stats, amax_o = cudnn_sdpa.cudnn_fp8_sdpa_fwd(*fwd_args)
+    assert o8.transpose(1, 2).is_contiguous() and stats.shape == (1, 4, 256, 1) and amax_o.shape == ()
+    bwd_args = (q, k, v, o8, do, stats, *[one] * 12, 128**-0.5, True)
+    torch.library.opcheck(cudnn_sdpa.cudnn_fp8_sdpa_bwd, bwd_args, test_utils=OPCHECK_UTILS)
+    dq, dk, dv, amaxes = cudnn_sdpa.cudnn_fp8_sdpa_bwd(*bwd_args)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape and amaxes.shape == (4,)
+    for amax in (amax_o, *amaxes.unbind()):
+        assert torch.isfinite(amax) and amax > 0
 
 
 def _causal_mask(seq):

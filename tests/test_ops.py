@@ -8,9 +8,9 @@ import torch
 from hf_fp8.cast import cast_fp8_reference, cast_weight_fp8, transpose_fp8
 from hf_fp8.linear import scaled_mm_without_onednn
 from hf_fp8.scaling import amax_of
+from helpers import OPCHECK_UTILS
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-CHECKS = ("test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
 def fp8_sample(shape, dtype, device, seed):
@@ -24,7 +24,7 @@ def fp8_sample(shape, dtype, device, seed):
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_transpose_fp8_passes_opcheck(device, dtype):
     y = fp8_sample((48, 80), dtype, device, seed=1)
-    torch.library.opcheck(transpose_fp8, (y,), test_utils=CHECKS)
+    torch.library.opcheck(transpose_fp8, (y,), test_utils=OPCHECK_UTILS)
     y_t = transpose_fp8(y)
     assert torch.equal(y_t.view(torch.uint8), y.t().contiguous().view(torch.uint8))
 
@@ -45,7 +45,7 @@ def test_cast_weight_fp8_passes_opcheck_and_is_the_reference_cast_in_both_layout
     w = (torch.randn(96, 160, generator=gen) * 3).to(device=device, dtype=dtype)
     w[5, 7] = 1e6  # saturates
     scale = torch.tensor(7.0, device=device)
-    torch.library.opcheck(cast_weight_fp8, (w, scale, fp8), test_utils=CHECKS)
+    torch.library.opcheck(cast_weight_fp8, (w, scale, fp8), test_utils=OPCHECK_UTILS)
     w8, w8_t, amax = cast_weight_fp8(w, scale, fp8)
     ref, ref_t = cast_fp8_reference(w, scale, fp8, transposed=True)
     assert w8.shape == (96, 160) and w8_t.shape == (160, 96) and w8.dtype == w8_t.dtype == fp8
@@ -60,7 +60,7 @@ def test_scaled_mm_without_onednn_passes_opcheck_and_matches_the_fp32_product():
     b = fp8_sample((48, 64), torch.float8_e4m3fn, "cpu", seed=3).t()  # column-major (K, N)
     scale_a, scale_b = torch.tensor(0.5), torch.tensor(0.25)
     args = (a, b, scale_a, scale_b, torch.bfloat16, False)
-    torch.library.opcheck(scaled_mm_without_onednn, args, test_utils=CHECKS)
+    torch.library.opcheck(scaled_mm_without_onednn, args, test_utils=OPCHECK_UTILS)
     out = scaled_mm_without_onednn(*args)
     want = (a.float() @ b.float()) * 0.125
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()

@@ -11,7 +11,7 @@ What runs where:
   PyTorch, so under torch.compile the cast and its amax fuse into the op that produces the tensor
   (RoPE, the V projection, ...); calls the two kernels; records every amax; dequantizes O and dQ/dK/dV
   to the model dtype.
-- `torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd` / `_bwd`: custom ops with fake implementations, so
+- `torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd` / `_bwd`: ops with fake implementations, so
   torch.compile keeps them opaque. Graphs are built once per shape/stride/flag combination.
 Covered: causal (top-left, as SDPA's is_causal) or no mask, GQA/MQA, head dim 128 (cuDNN 9.19's FP8
 backward on Hopper declines any other), unless torch.use_deterministic_algorithms(True) is set (its
@@ -28,6 +28,7 @@ import warnings
 
 import torch
 
+from .._ops import define_op
 from ..scaling import DelayedScale, cast_scale, inverse_scale, record_amaxes
 from .reference import (
     _DK, _DO, _DQ, _DS, _DV, _K, _O, _Q, _V,
@@ -252,74 +253,84 @@ def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
 
 
-def _p_scale(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, descale) of the softmax operand, (1, 1, 1, 1) fp32 on `device`, made per call: a tensor
-    kept across calls would be allocated from the CUDA-graph pool of the first graph to run this op
-    and outlive it, which inductor's CUDA graphs refuse ("tensors in the cudagraph pool not tracked")."""
-    return (torch.full((1, 1, 1, 1), P_SCALE, device=device), torch.full((1, 1, 1, 1), 1 / P_SCALE, device=device))
+def _scalars_4d(*xs: torch.Tensor) -> list[torch.Tensor]:
+    """Scalars as the (1, 1, 1, 1) fp32 tensors the cuDNN graphs read. Made by the autograd
+    function, where torch.compile fuses them into its scale arithmetic, rather than in the ops
+    (each small op there costs host time per call, and the softmax scale made per call cannot be
+    kept across calls: a kept tensor would come from the CUDA-graph pool of the first graph to run
+    the op and outlive it, which inductor's CUDA graphs refuse)."""
+    return [x.reshape(1, 1, 1, 1).float() for x in xs]
 
 
-def _scalar_4d(x: torch.Tensor) -> torch.Tensor:
-    return x.reshape(1, 1, 1, 1).float().contiguous()
+def _p_scales(like: torch.Tensor) -> list[torch.Tensor]:
+    """(scale, descale) of the softmax operand P."""
+    return _scalars_4d(torch.full((), P_SCALE, device=like.device), torch.full((), 1 / P_SCALE, device=like.device))
 
 
-# ---- custom ops -----------------------------------------------------------------------------------
+# ---- ops ------------------------------------------------------------------------------------------
+# Defined on a torch.library.Library (`_ops.define_op`), not with custom_op: ~20 us less host time
+# per call, and the compiled forward of a layer with FP8 attention waits for the host (RESULTS (35)).
+# CUDA only; the autograd function routes the gradients, so the ops need no autograd formula.
+
+_FWD_SCALARS = ("descale_q", "descale_k", "descale_v", "descale_s", "scale_s", "scale_o")
+_BWD_SCALARS = ("descale_q", "descale_k", "descale_v", "descale_o", "descale_do", "descale_s", "descale_dp",
+                "scale_s", "scale_dq", "scale_dk", "scale_dv", "scale_dp")  # fmt: skip
 
 
-@torch.library.custom_op("hf_fp8::cudnn_fp8_sdpa_fwd", mutates_args=())
-def cudnn_fp8_sdpa_fwd(
-    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor,
-    descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor, scale_o: torch.Tensor,
-    softmax_scale: float, causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """q8 (B, Hq, S, D), k8/v8 (B, Hkv, S, D) E4M3 -> O (B, Hq, S, D) E4M3 (BSHD memory), softmax
-    log-sum-exp stats (B, Hq, S, 1) fp32, amax of O before rounding (fp32 scalar)."""
+def _fwd_op(q8, k8, v8, descale_q, descale_k, descale_v, descale_s, scale_s, scale_o, softmax_scale: float, causal: bool):
+    """q8 (B, Hq, S, D), k8/v8 (B, Hkv, S, D) E4M3, scalars (1, 1, 1, 1) fp32 -> O (B, Hq, S, D) E4M3
+    (BSHD memory), softmax log-sum-exp stats (B, Hq, S, 1) fp32, amax of O before rounding (fp32 scalar)."""
     o8 = _bshd_like(q8, _E4M3)
     stats = torch.empty(*q8.shape[:3], 1, dtype=torch.float32, device=q8.device)
-    amax_o, amax_s = (torch.empty(1, 1, 1, 1, dtype=torch.float32, device=q8.device) for _ in range(2))
-    p_scale, p_descale = _p_scale(q8.device)
+    # amax(O), amax(S): the returned amax(O) first, at the start of the buffer (inductor expects an
+    # op's outputs 16-byte aligned)
+    amaxes = torch.empty(2, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
     with torch.cuda.device(q8.device):
         entry = _fwd_graph(q8, k8, v8, o8, stats, softmax_scale, causal)
-        data = {"q": q8, "k": k8, "v": v8, "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
-                "descale_v": _scalar_4d(descale_v), "descale_s": p_descale, "scale_s": p_scale,
-                "scale_o": _scalar_4d(scale_o), "o": o8, "stats": stats, "amax_s": amax_s, "amax_o": amax_o}  # fmt: skip
+        data = dict(zip(_FWD_SCALARS, (descale_q, descale_k, descale_v, descale_s, scale_s, scale_o)))
+        data.update(q=q8, k=k8, v=v8, o=o8, stats=stats, amax_o=amaxes[0], amax_s=amaxes[1])
         _execute(entry, data, q8.device)
-    return o8, stats, amax_o.reshape(())
+    return o8, stats, amaxes[0].reshape(())
 
 
-@cudnn_fp8_sdpa_fwd.register_fake
-def _(q8, k8, v8, descale_q, descale_k, descale_v, scale_o, softmax_scale, causal):
-    stats = q8.new_empty(*q8.shape[:3], 1, dtype=torch.float32)
-    return _bshd_like(q8, _E4M3), stats, q8.new_empty((), dtype=torch.float32)
+def _fwd_fake(q8, k8, v8, *scalars_and_flags):
+    return _bshd_like(q8, _E4M3), q8.new_empty(*q8.shape[:3], 1, dtype=torch.float32), q8.new_empty((), dtype=torch.float32)
 
 
-@torch.library.custom_op("hf_fp8::cudnn_fp8_sdpa_bwd", mutates_args=())
-def cudnn_fp8_sdpa_bwd(
-    q8: torch.Tensor, k8: torch.Tensor, v8: torch.Tensor, o8: torch.Tensor, do8: torch.Tensor, stats: torch.Tensor,
-    descale_q: torch.Tensor, descale_k: torch.Tensor, descale_v: torch.Tensor, descale_o: torch.Tensor,
-    descale_do: torch.Tensor, scale_dp: torch.Tensor, scale_dq: torch.Tensor, scale_dk: torch.Tensor,
-    scale_dv: torch.Tensor, softmax_scale: float, causal: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+cudnn_fp8_sdpa_fwd = define_op(
+    "cudnn_fp8_sdpa_fwd(Tensor q8, Tensor k8, Tensor v8, " + ", ".join(f"Tensor {n}" for n in _FWD_SCALARS)
+    + ", float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor)",
+    {"CUDA": _fwd_op},
+    fake=_fwd_fake,
+)
+
+
+def _bwd_op(q8, k8, v8, o8, do8, stats, descale_q, descale_k, descale_v, descale_o, descale_do, descale_s, descale_dp,
+            scale_s, scale_dq, scale_dk, scale_dv, scale_dp, softmax_scale: float, causal: bool):  # fmt: skip
     """-> dQ, dK, dV (E4M3, BSHD memory) and their amaxes plus dS's before rounding (fp32 (4,))."""
     dq8, dk8, dv8 = _bshd_like(q8, _E4M3), _bshd_like(k8, _E4M3), _bshd_like(v8, _E4M3)
     amaxes = torch.empty(4, 1, 1, 1, 1, dtype=torch.float32, device=q8.device)
-    p_scale, p_descale = _p_scale(q8.device)
+    scalars = (descale_q, descale_k, descale_v, descale_o, descale_do, descale_s, descale_dp,
+               scale_s, scale_dq, scale_dk, scale_dv, scale_dp)  # fmt: skip
     with torch.cuda.device(q8.device):
         entry = _bwd_graph(q8, k8, v8, o8, do8, stats, dq8, dk8, dv8, softmax_scale, causal)
-        data = {"q": q8, "k": k8, "v": v8, "o": o8, "do": do8, "stats": stats,
-                "descale_q": _scalar_4d(descale_q), "descale_k": _scalar_4d(descale_k),
-                "descale_v": _scalar_4d(descale_v), "descale_o": _scalar_4d(descale_o),
-                "descale_do": _scalar_4d(descale_do), "descale_s": p_descale, "descale_dp": _scalar_4d(1 / scale_dp),
-                "scale_s": p_scale, "scale_dq": _scalar_4d(scale_dq), "scale_dk": _scalar_4d(scale_dk),
-                "scale_dv": _scalar_4d(scale_dv), "scale_dp": _scalar_4d(scale_dp), "dq": dq8, "dk": dk8, "dv": dv8,
-                "amax_dq": amaxes[0], "amax_dk": amaxes[1], "amax_dv": amaxes[2], "amax_dp": amaxes[3]}  # fmt: skip
+        data = dict(zip(_BWD_SCALARS, scalars))
+        data.update(q=q8, k=k8, v=v8, o=o8, do=do8, stats=stats, dq=dq8, dk=dk8, dv=dv8,
+                    amax_dq=amaxes[0], amax_dk=amaxes[1], amax_dv=amaxes[2], amax_dp=amaxes[3])  # fmt: skip
         _execute(entry, data, q8.device)
     return dq8, dk8, dv8, amaxes.reshape(4)
 
 
-@cudnn_fp8_sdpa_bwd.register_fake
-def _(q8, k8, v8, o8, do8, stats, *args):
+def _bwd_fake(q8, k8, v8, *rest):
     return _bshd_like(q8, _E4M3), _bshd_like(k8, _E4M3), _bshd_like(v8, _E4M3), q8.new_empty(4, dtype=torch.float32)
+
+
+cudnn_fp8_sdpa_bwd = define_op(
+    "cudnn_fp8_sdpa_bwd(Tensor q8, Tensor k8, Tensor v8, Tensor o8, Tensor do8, Tensor stats, "
+    + ", ".join(f"Tensor {n}" for n in _BWD_SCALARS) + ", float softmax_scale, bool causal) -> (Tensor, Tensor, Tensor, Tensor)",
+    {"CUDA": _bwd_op},
+    fake=_bwd_fake,
+)
 
 
 # ---- autograd -------------------------------------------------------------------------------------
@@ -336,10 +347,16 @@ class _CudnnFP8Attention(torch.autograd.Function):
         # step launches no reciprocal kernels for them.
         iq, ik, iv = (inverse_scale(state, i, s) for i, s in ((_Q, sq), (_K, sk), (_V, sv)))
         so = cast_scale(state, _O, forward_output_bound(amax_v))
-        o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, iq, ik, iv, so, softmax_scale, causal)
+        p_scale, p_descale = _p_scales(q8)
+        descales_in = _scalars_4d(iq, ik, iv)
+
+        def run(so):
+            return cudnn_fp8_sdpa_fwd(q8, k8, v8, *descales_in, p_descale, p_scale, *_scalars_4d(so), softmax_scale, causal)
+
+        o8, stats, amax_o = run(so)
         if measures_first(state, record):  # first training step: that pass measured amax(O); now cast with it
             so = cast_scale(state, _O, amax_o)
-            o8, stats, amax_o = torch.ops.hf_fp8.cudnn_fp8_sdpa_fwd(q8, k8, v8, iq, ik, iv, so, softmax_scale, causal)
+            o8, stats, amax_o = run(so)
         if record:
             record_amaxes(state, {_Q: amax_q, _K: amax_k, _V: amax_v, _O: amax_o})
         descales = torch.stack([iq, ik, iv, inverse_scale(state, _O, so)])
@@ -363,11 +380,14 @@ class _CudnnFP8Attention(torch.autograd.Function):
         bounds = torch.stack([bound_dq, bound_dk, bound_dv, bound_ds])
         roles = (_DQ, _DK, _DV, _DS)
 
+        p_scale, p_descale = _p_scales(q8)
+        descales_in = _scalars_4d(iq, ik, iv, io, ido)
+
         def run(amax_or_bound):
             s_dq, s_dk, s_dv, s_ds = (cast_scale(state, i, a) for i, a in zip(roles, amax_or_bound.unbind()))
-            out = torch.ops.hf_fp8.cudnn_fp8_sdpa_bwd(
-                q8, k8, v8, o8, do8, stats, iq, ik, iv, io, ido, s_ds, s_dq, s_dk, s_dv,
-                softmax_scale, ctx.causal,
+            out = cudnn_fp8_sdpa_bwd(
+                q8, k8, v8, o8, do8, stats, *descales_in, p_descale, *_scalars_4d(1 / s_ds), p_scale,
+                *_scalars_4d(s_dq, s_dk, s_dv, s_ds), softmax_scale, ctx.causal,
             )  # fmt: skip
             return out, (s_dq, s_dk, s_dv)
 
