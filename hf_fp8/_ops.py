@@ -3,8 +3,9 @@
 
 These ops run many times per step (`hf_fp8::transpose_fp8` 11 times per Llama layer and
 micro-batch under torch.compile, `hf_fp8::scaled_mm_without_onednn` three times per linear on the
-CPU, the cuDNN attention ops of `attention/cudnn_sdpa.py` once per layer in forward and backward), and a custom_op call costs 8-19 us more host time than a Library op (its Python autograd
-kernel and argument handling): 47.8 against 29.1 us per CUDA transpose on the H200 machine's host,
+CPU, the cuDNN attention ops of `attention/cudnn_sdpa.py` once per layer in forward and backward),
+and a custom_op call costs 8-19 us more host time than a Library op (its Python autograd kernel and
+argument handling): 47.8 against 29.1 us per CUDA transpose on the H200 machine's host,
 19.2 against 8.4 us on the CPU of the development machine (`benchmarks/op_dispatch.py`,
 benchmarks/RESULTS.md (33)). Host time matters where the host cannot keep ahead of the GPU (small
 micro-batches, eager mode). The ops take and return FP8 or plain tensors that are never

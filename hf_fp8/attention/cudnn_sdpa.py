@@ -253,18 +253,19 @@ def _bshd_like(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(b, s, h, d, dtype=dtype, device=q.device).transpose(1, 2)
 
 
+# The scalars the cuDNN graphs read are (1, 1, 1, 1) fp32 tensors made by the autograd function,
+# where torch.compile computes them in its scale kernel, not in the ops: each small op there costs
+# host time per call, and a tensor kept across calls would come from the CUDA-graph pool of the
+# first graph to run the op and outlive it, which inductor's CUDA graphs refuse.
+
+
 def _scalars_4d(*xs: torch.Tensor) -> list[torch.Tensor]:
-    """Scalars as the (1, 1, 1, 1) fp32 tensors the cuDNN graphs read. Made by the autograd
-    function, where torch.compile fuses them into its scale arithmetic, rather than in the ops
-    (each small op there costs host time per call, and the softmax scale made per call cannot be
-    kept across calls: a kept tensor would come from the CUDA-graph pool of the first graph to run
-    the op and outlive it, which inductor's CUDA graphs refuse)."""
     return [x.reshape(1, 1, 1, 1).float() for x in xs]
 
 
 def _p_scales(like: torch.Tensor) -> list[torch.Tensor]:
     """(scale, descale) of the softmax operand P."""
-    return _scalars_4d(torch.full((), P_SCALE, device=like.device), torch.full((), 1 / P_SCALE, device=like.device))
+    return [torch.full((1, 1, 1, 1), v, dtype=torch.float32, device=like.device) for v in (P_SCALE, 1 / P_SCALE)]
 
 
 # ---- ops ------------------------------------------------------------------------------------------
